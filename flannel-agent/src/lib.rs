@@ -1,0 +1,8 @@
+//! flannel-rs node agent: `flanneld` and its building blocks.
+//!
+//! The layout follows the kernel interfaces and the stores the agent talks to:
+//! `config` (net-conf.json), `subnet` (leases in etcd or the Kubernetes API),
+//! `backend` (how remote subnets are reached), `netlink` (the only user of
+//! rtnetlink) and `daemon` (the tasks that tie them together).
+
+pub mod config;
