@@ -5,4 +5,9 @@
 //! `backend` (how remote subnets are reached), `netlink` (the only user of
 //! rtnetlink) and `daemon` (the tasks that tie them together).
 
+pub mod backoff;
 pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod subnet;
+pub mod subnet_file;
