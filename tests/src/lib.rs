@@ -1,1 +1,4 @@
 //! Test harnesses shared by the integration tests, the demo and the benchmarks.
+
+pub mod etcd;
+pub mod process;

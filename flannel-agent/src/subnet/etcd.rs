@@ -128,7 +128,10 @@ impl EtcdSubnetManager {
             warn!("no certificate provided: connecting to etcd with http. This is insecure");
         }
         if let Some(user) = &opts.username {
-            co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
+            // etcd's simple tokens do not survive an etcd restart; refresh them.
+            co = co
+                .with_user(user.clone(), opts.password.clone().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
         let client = call("connect", &endpoints, Client::connect(&opts.endpoints, Some(co))).await?;
         Ok(Self {
