@@ -1,0 +1,82 @@
+//! The agent's only user of rtnetlink.
+//!
+//! [`Netlink`] owns the rtnetlink connection; everything that reads or changes links,
+//! addresses, routes, neighbours or FDB entries is a method on it, so the rest of the
+//! agent (backends included) never sees netlink message types. Methods return plain
+//! data ([`LinkInfo`], [`AddrInfo`], ...) and [`NetlinkError`].
+//!
+//! * `dump`: link, address and route reads.
+//! * [`iface`]: upstream's external interface selection (`--iface` and friends).
+
+use std::io;
+
+mod dump;
+pub mod iface;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+pub use dump::{AddrInfo, DefaultRoute, LinkInfo, RouteLookup};
+pub use iface::{ExternalInterface, HostView, IfaceError, IfaceSelection};
+
+/// A handle on an rtnetlink socket in the network namespace of the thread that
+/// created it. Cheap to clone; all clones share one socket.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Opens an rtnetlink socket and spawns its connection task on the current tokio
+    /// runtime. The task ends when the last clone of the returned handle is dropped.
+    ///
+    /// Panics if called outside a tokio runtime (the task has to run somewhere).
+    pub fn new() -> Result<Self, NetlinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+}
+
+/// A netlink operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The rtnetlink socket could not be opened.
+    #[error("could not open an rtnetlink socket: {0}")]
+    Socket(io::Error),
+    /// The kernel (or rtnetlink) rejected a request.
+    #[error("netlink {op} failed: {}", describe(.cause))]
+    Request {
+        /// What was asked, with its object: `"route lookup for 10.0.0.1"`.
+        op: String,
+        /// The error from rtnetlink.
+        cause: rtnetlink::Error,
+    },
+}
+
+impl NetlinkError {
+    fn request(op: impl Into<String>, cause: rtnetlink::Error) -> Self {
+        NetlinkError::Request { op: op.into(), cause }
+    }
+
+    /// The errno the kernel answered with, if it was a kernel error. Callers use it to
+    /// treat `EEXIST`/`ENOENT` as success where the operation is idempotent.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Socket(e) => e.raw_os_error(),
+            NetlinkError::Request {
+                cause: rtnetlink::Error::NetlinkError(msg),
+                ..
+            } => Some(msg.raw_code().abs()),
+            NetlinkError::Request { .. } => None,
+        }
+    }
+}
+
+/// rtnetlink's Display for kernel errors is "Received a netlink error message X";
+/// the errno text alone reads better in one log line.
+fn describe(cause: &rtnetlink::Error) -> String {
+    match cause {
+        rtnetlink::Error::NetlinkError(msg) => msg.to_io().to_string(),
+        other => other.to_string(),
+    }
+}
