@@ -93,7 +93,10 @@ pub async fn run(
     sel.ipv4 = config.enable_ipv4;
     sel.ipv6 = config.enable_ipv6;
     let nl = Netlink::new().map_err(|e| DaemonError::Iface(e.to_string()))?;
-    let ext = nl.select_external_interface(&sel).await.map_err(|e| DaemonError::Iface(e.to_string()))?;
+    let ext = nl
+        .select_external_interface(&sel)
+        .await
+        .map_err(|e| DaemonError::Iface(e.to_string()))?;
     info!(iface = %ext.name, addr = ?ext.iface_addr, ext_addr = ?ext.ext_addr, mtu = ext.mtu, "using interface");
     let mut backend = make_backend(&config)?;
     let info = backend.prepare(&ext, &config).await?;
@@ -148,7 +151,16 @@ pub async fn run(
         tokio::spawn(async move { sm.run(config, lease, peers_tx, shutdown).await })
     };
     health.update(|s| s.waiting_for = "peers programmed".into());
-    reconcile_loop(backend.as_mut(), peers_rx, &cfg, &health, env_written, started, &shutdown).await;
+    reconcile_loop(
+        backend.as_mut(),
+        peers_rx,
+        &cfg,
+        &health,
+        env_written,
+        started,
+        &shutdown,
+    )
+    .await;
 
     match sm_task.await {
         Ok(Ok(())) => {}
@@ -231,10 +243,18 @@ async fn reconcile_loop(
                     health.update(|s| {
                         s.peers = n;
                         s.ready = env_written;
-                        s.waiting_for = if env_written { String::new() } else { "subnet file".into() };
+                        s.waiting_for = if env_written {
+                            String::new()
+                        } else {
+                            "subnet file".into()
+                        };
                     });
                     if env_written && !was_ready {
-                        info!(peers = n, elapsed_ms = started.elapsed().as_millis() as u64, "flannel is ready");
+                        info!(
+                            peers = n,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "flannel is ready"
+                        );
                         sd_notify_ready();
                     }
                 }
@@ -261,7 +281,9 @@ async fn reconcile_loop(
 
 /// Tells systemd we are ready (`READY=1` on `$NOTIFY_SOCKET`), as upstream does.
 fn sd_notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(_) => return,
@@ -269,7 +291,8 @@ fn sd_notify_ready() {
     let bytes = path.as_encoded_bytes();
     let r = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name).and_then(|a| sock.send_to_addr(b"READY=1", &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
     } else {
         sock.send_to(b"READY=1", &path)
     };

@@ -5,9 +5,14 @@
 //! `backend` (how remote subnets are reached), `netlink` (the only user of
 //! rtnetlink) and `daemon` (the tasks that tie them together).
 
+pub mod backend;
 pub mod backoff;
 pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod flags;
 pub mod health;
 pub mod metrics;
+pub mod netlink;
 pub mod subnet;
 pub mod subnet_file;

@@ -76,7 +76,9 @@ pub trait Backend: Send {
 /// The backend types upstream has that flannel-rs does not implement, with why.
 pub fn unsupported_reason(backend_type: &str) -> Option<&'static str> {
     match backend_type {
-        "ipip" | "wireguard" | "ipsec" => Some("is not implemented by flannel-rs; use vxlan (eBPF or kernel datapath), host-gw or udp"),
+        "ipip" | "wireguard" | "ipsec" => {
+            Some("is not implemented by flannel-rs; use vxlan (eBPF or kernel datapath), host-gw or udp")
+        }
         "extension" | "alloc" | "tencent-vpc" => Some("is not implemented by flannel-rs"),
         _ => None,
     }

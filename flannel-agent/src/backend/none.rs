@@ -24,7 +24,12 @@ impl Backend for NoneBackend {
     }
 
     async fn prepare(&mut self, ext: &ExternalInterface, _config: &NetworkConfig) -> Result<BackendInfo, BackendError> {
-        Ok(BackendInfo { backend_type: "none".into(), backend_data: None, backend_v6_data: None, mtu: ext.mtu })
+        Ok(BackendInfo {
+            backend_type: "none".into(),
+            backend_data: None,
+            backend_v6_data: None,
+            mtu: ext.mtu,
+        })
     }
 
     async fn set_own_lease(&mut self, _lease: &Lease) -> Result<(), BackendError> {
