@@ -41,8 +41,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at acquiring a subnet before giving up (each lost race is one).
 const ACQUIRE_ATTEMPTS: u32 = 20;
 
-/// How to reach etcd, and the lease timing.
-#[derive(Debug, Clone)]
+/// How to reach etcd, and the lease timing. `Debug` hides the password.
+#[derive(Clone)]
 pub struct EtcdOptions {
     /// Client URLs.
     pub endpoints: Vec<String>,
@@ -64,6 +64,23 @@ pub struct EtcdOptions {
     pub renew_margin: Duration,
     /// Full re-list period, a guard against missed watch events.
     pub resync_period: Duration,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("keyfile", &self.keyfile)
+            .field("certfile", &self.certfile)
+            .field("cafile", &self.cafile)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("lease_ttl", &self.lease_ttl)
+            .field("renew_margin", &self.renew_margin)
+            .field("resync_period", &self.resync_period)
+            .finish()
+    }
 }
 
 /// Our own lease as the store holds it.
@@ -173,34 +190,58 @@ impl EtcdSubnetManager {
         Ok((entries.collect(), rev))
     }
 
-    /// Writes our value under `key`, creating it only if absent.
-    async fn create(&self, key: SubnetKey, attrs: &LeaseAttrs) -> Result<Option<Own>, SubnetError> {
-        let path = self.key_path(&key);
-        let mut lc = self.client.lease_client();
+    /// Grants a fresh etcd lease of `lease_ttl` for `path`; returns its id and TTL.
+    async fn grant(&self, path: &str) -> Result<(i64, Duration), SubnetError> {
         let ttl = self.opts.lease_ttl.as_secs().max(1) as i64;
-        let grant = call("lease grant", &path, lc.grant(ttl, None)).await?;
+        let g = call("lease grant", path, self.client.lease_client().grant(ttl, None)).await?;
+        Ok((g.id(), Duration::from_secs(g.ttl().max(0) as u64)))
+    }
+
+    /// Revokes a lease we granted but could not use, so it does not linger for
+    /// a day; best effort, as it expires anyway.
+    async fn revoke_unused(&self, path: &str, id: i64) {
+        if let Err(e) = call("lease revoke", path, self.client.lease_client().revoke(id)).await {
+            debug!(key = %path, error = %e, "could not revoke an unused etcd lease; it will expire");
+        }
+    }
+
+    /// Writes our value under `key`, creating it only if absent. `live` is an
+    /// etcd lease of ours that is still alive (id, TTL) to carry the key; without
+    /// one a new lease is granted, and revoked again if the key cannot be written.
+    async fn create(
+        &self,
+        key: SubnetKey,
+        attrs: &LeaseAttrs,
+        live: Option<(i64, Duration)>,
+    ) -> Result<Option<Own>, SubnetError> {
+        let path = self.key_path(&key);
+        let (lease_id, ttl, granted) = match live {
+            Some((id, ttl)) => (id, ttl, false),
+            None => {
+                let (id, ttl) = self.grant(&path).await?;
+                (id, ttl, true)
+            }
+        };
         let txn = Txn::new()
             .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 path.clone(),
                 attrs.to_json(),
-                Some(PutOptions::new().with_lease(grant.id())),
+                Some(PutOptions::new().with_lease(lease_id)),
             )]);
-        let mut kv = self.client.kv_client();
-        let resp = call("create", &path, kv.txn(txn)).await?;
-        if !resp.succeeded() {
-            let _ = call("lease revoke", &path, lc.revoke(grant.id())).await;
-            return Ok(None);
+        let resp = call("create", &path, self.client.kv_client().txn(txn)).await;
+        if !resp.as_ref().is_ok_and(|r| r.succeeded()) {
+            // On an error the put may or may not have happened; revoking covers
+            // both (an orphan lease, or a key we are about to report as failed).
+            if granted {
+                self.revoke_unused(&path, lease_id).await;
+            }
+            return resp.map(|_| None);
         }
-        let lease = lease_for(
-            key,
-            attrs,
-            Some(SystemTime::now() + Duration::from_secs(grant.ttl().max(0) as u64)),
-        );
         Ok(Some(Own {
             key,
-            lease,
-            lease_id: grant.id(),
+            lease: lease_for(key, attrs, Some(SystemTime::now() + ttl)),
+            lease_id,
         }))
     }
 
@@ -214,15 +255,12 @@ impl EtcdSubnetManager {
             match self.keep_alive(e.lease_id).await? {
                 Some(ttl) => (e.lease_id, Some(SystemTime::now() + ttl)),
                 None => {
-                    let ttl = self.opts.lease_ttl.as_secs().max(1) as i64;
-                    let g = call("lease grant", &path, self.client.lease_client().grant(ttl, None)).await?;
-                    (
-                        g.id(),
-                        Some(SystemTime::now() + Duration::from_secs(g.ttl().max(0) as u64)),
-                    )
+                    let (id, ttl) = self.grant(&path).await?;
+                    (id, Some(SystemTime::now() + ttl))
                 }
             }
         };
+        let granted = lease_id != 0 && lease_id != e.lease_id;
         let put = if lease_id == 0 {
             PutOptions::new()
         } else {
@@ -231,9 +269,12 @@ impl EtcdSubnetManager {
         let txn = Txn::new()
             .when([Compare::mod_revision(path.clone(), CompareOp::Equal, e.mod_revision)])
             .and_then([TxnOp::put(path.clone(), attrs.to_json(), Some(put))]);
-        let resp = call("update", &path, self.client.kv_client().txn(txn)).await?;
-        if !resp.succeeded() {
-            return Ok(None);
+        let resp = call("update", &path, self.client.kv_client().txn(txn)).await;
+        if !resp.as_ref().is_ok_and(|r| r.succeeded()) {
+            if granted {
+                self.revoke_unused(&path, lease_id).await;
+            }
+            return resp.map(|_| None);
         }
         Ok(Some(Own {
             key,
@@ -247,7 +288,13 @@ impl EtcdSubnetManager {
         let object = format!("lease {id:x}");
         let mut lc = self.client.lease_client();
         let fut = async {
-            let (mut keeper, mut stream) = lc.keep_alive(id).await?;
+            let (mut keeper, mut stream) = match lc.keep_alive(id).await {
+                Ok(s) => s,
+                // etcd answers a keep-alive of an unknown lease with TTL 0, which
+                // the client reports as this error rather than as a response.
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => return Ok(None),
+                Err(e) => return Err(e),
+            };
             keeper.keep_alive().await?;
             stream.message().await
         };
@@ -280,7 +327,7 @@ impl EtcdSubnetManager {
         });
         if older {
             self.delete_if_unchanged(&path, mine.mod_revision).await?;
-            let _ = call("lease revoke", &path, self.client.lease_client().revoke(own.lease_id)).await;
+            self.revoke_unused(&path, own.lease_id).await;
         }
         Ok(older)
     }
@@ -353,7 +400,7 @@ impl EtcdSubnetManager {
             None
         };
         let key = SubnetKey { v4, v6 };
-        let Some(own) = self.create(key, attrs).await? else {
+        let Some(own) = self.create(key, attrs, None).await? else {
             debug!(key = %key, "subnet taken by another node meanwhile; retrying");
             return Ok(None);
         };
@@ -376,7 +423,13 @@ impl EtcdSubnetManager {
                 });
             }
         }
-        match self.create(own.key, &own.lease.attrs).await? {
+        // The key may have been deleted while its etcd lease lives on: carry the
+        // key on that lease again rather than leave it orphaned for a day.
+        let live = match own.lease_id {
+            0 => None,
+            id => self.keep_alive(id).await?.map(|ttl| (id, ttl)),
+        };
+        match self.create(own.key, &own.lease.attrs, live).await? {
             Some(n) => {
                 self.metrics.lease_reasserts.fetch_add(1, Ordering::Relaxed);
                 warn!(key = %self.key_path(&own.key), "own lease was missing from etcd; wrote it again");
@@ -400,6 +453,33 @@ impl EtcdSubnetManager {
                 Ok(n)
             }
             None => self.reassert(own).await,
+        }
+    }
+
+    /// Writes our key again after it went missing. Returns how long to wait
+    /// before trying again (after a re-list) when that failed for a reason that
+    /// may pass; a key now held by another node is left to the periodic re-list.
+    async fn restore_own(
+        &self,
+        own: &mut Own,
+        renew_at: &mut Option<tokio::time::Instant>,
+        backoff: &mut Backoff,
+    ) -> Option<Duration> {
+        match self.reassert(own).await {
+            Ok(n) => {
+                *own = n;
+                *renew_at = self.renew_at(own);
+                backoff.reset();
+                None
+            }
+            Err(e) => {
+                let retry = matches!(e, SubnetError::Store { .. }).then(|| {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    backoff.next_delay()
+                });
+                error!(error = %e, retry_in = ?retry, "could not restore own lease");
+                retry
+            }
         }
     }
 
@@ -546,15 +626,17 @@ impl SubnetManager for EtcdSubnetManager {
         let mut renew_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut renew_at = self.renew_at(&own);
         let mut watch_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut reassert_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut need_list = true;
         let mut since = 0;
         'outer: loop {
             if need_list {
                 match watcher.relist(&peers).await {
                     Ok(rev) => {
+                        // The backoff is reset by the watch, not here: a watch that
+                        // etcd keeps refusing must not turn into a re-list loop.
                         since = rev + 1;
                         need_list = false;
-                        watch_backoff.reset();
                     }
                     Err(e) => {
                         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -567,12 +649,12 @@ impl SubnetManager for EtcdSubnetManager {
                 }
                 // Our key may have vanished while we were away.
                 if !watcher.entries.contains_key(&own.key.to_string()) {
-                    match self.reassert(&own).await {
-                        Ok(n) => {
-                            own = n;
-                            renew_at = self.renew_at(&own);
+                    if let Some(d) = self.restore_own(&mut own, &mut renew_at, &mut reassert_backoff).await {
+                        need_list = true;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'outer,
+                            _ = tokio::time::sleep(d) => continue 'outer,
                         }
-                        Err(e) => error!(error = %e, "could not restore own lease"),
                     }
                 }
             }
@@ -596,8 +678,10 @@ impl SubnetManager for EtcdSubnetManager {
                 Err(_) => {
                     self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(prefix = %prefix, "watching leases timed out; retrying");
-                    tokio::time::sleep(watch_backoff.next_delay()).await;
-                    continue 'outer;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(watch_backoff.next_delay()) => continue 'outer,
+                    }
                 }
             };
             let resync = tokio::time::sleep(self.opts.resync_period);
@@ -644,14 +728,40 @@ impl SubnetManager for EtcdSubnetManager {
                                 }
                             }
                         };
-                        watch_backoff.reset();
-                        if resp.compact_revision() != 0 || resp.canceled() {
+                        if resp.compact_revision() != 0 {
                             warn!(prefix = %prefix, compact_revision = resp.compact_revision(), "etcd watch fell behind compaction horizon, re-listing and resuming");
                             need_list = true;
                             continue 'outer;
                         }
-                        if let Some(h) = resp.header() {
-                            since = since.max(h.revision() + 1);
+                        if resp.canceled() {
+                            // Not compaction (permissions, for one): the same watch
+                            // would be refused again at once, so back off first.
+                            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                            let d = watch_backoff.next_delay();
+                            warn!(prefix = %prefix, reason = resp.cancel_reason(), retry_in = ?d, "etcd cancelled the lease watch; re-listing");
+                            need_list = true;
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'outer,
+                                _ = tokio::time::sleep(d) => continue 'outer,
+                            }
+                        }
+                        // Only a response past the creation shows the watch works.
+                        if !resp.created() {
+                            watch_backoff.reset();
+                        }
+                        // Resume after the last event received. The header revision
+                        // is no guide while etcd is still catching the watch up (it
+                        // sends history in batches, each with the current revision),
+                        // so it is used only on event-less progress responses, which
+                        // etcd sends to caught-up watches alone.
+                        match resp.events().iter().filter_map(|ev| ev.kv()).map(KeyValue::mod_revision).max() {
+                            Some(rev) => since = since.max(rev + 1),
+                            None if !resp.created() => {
+                                if let Some(h) = resp.header() {
+                                    since = since.max(h.revision() + 1);
+                                }
+                            }
+                            None => {}
                         }
                         let own_name = own.key.to_string();
                         let mut own_gone = false;
@@ -673,12 +783,13 @@ impl SubnetManager for EtcdSubnetManager {
                         }
                         watcher.publish(&peers);
                         if own_gone {
-                            match self.reassert(&own).await {
-                                Ok(n) => {
-                                    own = n;
-                                    renew_at = self.renew_at(&own);
+                            if let Some(d) = self.restore_own(&mut own, &mut renew_at, &mut reassert_backoff).await {
+                                // The re-list after the pause finds the key missing and tries again.
+                                need_list = true;
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break 'outer,
+                                    _ = tokio::time::sleep(d) => continue 'outer,
                                 }
-                                Err(e) => error!(error = %e, "could not restore own lease"),
                             }
                         }
                     }
