@@ -28,6 +28,7 @@ use crate::health::{self, Health};
 use crate::netlink::{IfaceSelection, Netlink};
 use crate::subnet::{LeaseAttrs, PeerSet, SubnetError, SubnetManager};
 use crate::subnet_file::{self, SubnetEnv};
+use crate::traffic::{RuleSet, TrafficError, TrafficManager, TrafficOptions};
 
 /// What the daemon needs beyond the subnet manager and the backend.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct DaemonConfig {
     pub iface: IfaceSelection,
     /// Period of the full reconcile of the datapath.
     pub reconcile_period: Duration,
+    /// Masquerade and forward rules; `nftables` is taken from net-conf.json.
+    pub traffic: TrafficOptions,
 }
 
 /// Why the daemon stopped with an error. Each is fatal at start-up, as upstream.
@@ -60,6 +63,9 @@ pub enum DaemonError {
     /// The healthz server could not bind.
     #[error(transparent)]
     Health(#[from] health::HealthError),
+    /// Masquerade or forward rules could not be installed (upstream exits too).
+    #[error("failed to set up masquerade/forward rules: {0}")]
+    Traffic(#[from] TrafficError),
 }
 
 /// Builds the backend for a network config (chosen by `Backend.Type`).
@@ -110,6 +116,8 @@ pub async fn run(
         backend_v6_data: info.backend_v6_data.clone(),
     };
     let previous = subnet_file::read_previous(&cfg.subnet_file);
+    // Read before subnet.env is rewritten: the old rules are recycled if the subnet changed.
+    let previous_rules = RuleSet::read_subnet_env(&cfg.subnet_file);
     health.update(|s| s.waiting_for = "subnet lease".into());
     let Some(lease) = acquire(sm.as_ref(), &config, &attrs, previous, &shutdown).await? else {
         return Ok(());
@@ -124,6 +132,21 @@ pub async fn run(
         s.ipv6_subnet = lease.ipv6_subnet.map(|n| n.to_string());
         s.public_ip = Some(attrs.public_ip.to_string());
     });
+
+    // Upstream's order: rules before subnet.env, so "ready" implies the rules are in place.
+    let rules = RuleSet {
+        network: config.enable_ipv4.then_some(config.network).flatten(),
+        subnet: config.enable_ipv4.then_some(lease.subnet).flatten(),
+        ipv6_network: config.enable_ipv6.then_some(config.ipv6_network).flatten(),
+        ipv6_subnet: config.enable_ipv6.then_some(lease.ipv6_subnet).flatten(),
+    };
+    let traffic = Arc::new(TrafficManager::new(TrafficOptions { nftables: config.enable_nftables, ..cfg.traffic.clone() }));
+    health.update(|s| s.waiting_for = "traffic rules".into());
+    traffic.setup(&rules, &previous_rules).await?;
+    let traffic_task = {
+        let (traffic, rules, shutdown) = (traffic.clone(), rules.clone(), shutdown.clone());
+        tokio::spawn(async move { traffic.run(&rules, shutdown).await })
+    };
 
     let env = SubnetEnv {
         network: config.enable_ipv4.then_some(config.network).flatten(),
@@ -167,6 +190,7 @@ pub async fn run(
         Ok(Err(e)) => error!(error = %e, "subnet manager stopped"),
         Err(e) => error!(error = %e, "subnet manager task failed"),
     }
+    let _ = traffic_task.await;
     if let Some(s) = server {
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }

@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod subnet;
 pub mod subnet_file;
+pub mod traffic;

@@ -16,6 +16,7 @@ use flannel_agent::metrics::Metrics;
 use flannel_agent::netlink::IfaceSelection;
 use flannel_agent::subnet::etcd::{EtcdOptions, EtcdSubnetManager, DEFAULT_LEASE_TTL};
 use flannel_agent::subnet::SubnetManager;
+use flannel_agent::traffic::TrafficOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -117,7 +118,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         ip_masq: flags.ip_masq,
         healthz,
         iface,
-        reconcile_period: Duration::from_secs(60),
+        reconcile_period: Duration::from_secs(10),
+        traffic: TrafficOptions {
+            masquerade: flags.ip_masq,
+            fully_random_disable: flags.ip_masq_fully_random_disable,
+            forward_rules: flags.iptables_forward_rules,
+            nftables: false,
+            resync: Duration::from_secs(flags.iptables_resync.max(1)),
+        },
     };
     daemon::run(cfg, sm, &make_backend, health, shutdown).await?;
     Ok(())
