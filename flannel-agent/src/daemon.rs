@@ -140,7 +140,10 @@ pub async fn run(
         ipv6_network: config.enable_ipv6.then_some(config.ipv6_network).flatten(),
         ipv6_subnet: config.enable_ipv6.then_some(lease.ipv6_subnet).flatten(),
     };
-    let traffic = Arc::new(TrafficManager::new(TrafficOptions { nftables: config.enable_nftables, ..cfg.traffic.clone() }));
+    let traffic = Arc::new(TrafficManager::new(TrafficOptions {
+        nftables: config.enable_nftables,
+        ..cfg.traffic.clone()
+    }));
     health.update(|s| s.waiting_for = "traffic rules".into());
     traffic.setup(&rules, &previous_rules).await?;
     let traffic_task = {

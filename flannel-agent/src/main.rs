@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use flannel_agent::backend::{self, none::NoneBackend, Backend, BackendError};
 use flannel_agent::config::NetworkConfig;
 use flannel_agent::daemon::{self, DaemonConfig};
@@ -107,11 +107,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new(metrics.clone()));
 
-    if flags.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr is not available in this build of flannel-rs yet; use the etcd subnet manager");
-    }
-    let Some(sm) = connect_etcd(&flags, metrics.clone(), &shutdown).await else {
-        return Ok(());
+    let sm = if flags.kube_subnet_mgr {
+        flannel_agent::subnet::kube::from_flags(&flags, metrics.clone()).await?
+    } else {
+        let Some(sm) = connect_etcd(&flags, metrics.clone(), &shutdown).await else {
+            return Ok(());
+        };
+        sm
     };
     let cfg = DaemonConfig {
         subnet_file: flags.subnet_file.clone(),
@@ -171,8 +173,10 @@ fn make_backend(config: &NetworkConfig) -> Result<Box<dyn Backend>, BackendError
     }
     match ty {
         "none" => Ok(Box::new(NoneBackend::default())),
+        "vxlan" => Ok(Box::new(backend::vxlan::VxlanBackend::new(config)?)),
+        "host-gw" => Ok(Box::new(backend::hostgw::HostGwBackend::new(config)?)),
         _ => Err(BackendError::Unsupported(format!(
-            "unknown backend type: {ty:?}; this build supports \"none\""
+            "unknown backend type: {ty:?}; this build supports \"vxlan\", \"host-gw\" and \"none\""
         ))),
     }
 }

@@ -7,7 +7,10 @@
 //! and deletes only when the set is [`PeerSet::complete`]. Nothing is removed on
 //! shutdown, so a restart does not disturb traffic.
 
+pub mod hostgw;
 pub mod none;
+pub mod routes;
+pub mod vxlan;
 
 use async_trait::async_trait;
 use serde_json::Value;

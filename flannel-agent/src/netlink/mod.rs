@@ -7,16 +7,30 @@
 //!
 //! * `dump`: link, address and route reads.
 //! * [`iface`]: upstream's external interface selection (`--iface` and friends).
+//! * `link`, `addr`, `neigh`, `route`: the objects the kernel-datapath backends
+//!   (vxlan, host-gw) create and reconcile: VXLAN devices, their addresses,
+//!   neighbour and FDB entries, and routes.
 
 use std::io;
 
+mod addr;
 mod dump;
 pub mod iface;
+#[cfg(test)]
+pub(crate) mod lab;
+mod link;
+mod mac;
+mod neigh;
+mod route;
 #[cfg(test)]
 pub(crate) mod testutil;
 
 pub use dump::{AddrInfo, DefaultRoute, LinkInfo, RouteLookup};
 pub use iface::{ExternalInterface, HostView, IfaceError, IfaceSelection};
+pub use link::{disable_accept_ra, LinkDetails, VxlanParams};
+pub use mac::{MacAddr, MacParseError};
+pub use neigh::{FdbEntry, Neighbour};
+pub use route::{NextHop, RouteEntry, RouteSpec, RTN_UNICAST, RTPROT_KERNEL};
 
 /// A handle on an rtnetlink socket in the network namespace of the thread that
 /// created it. Cheap to clone; all clones share one socket.
