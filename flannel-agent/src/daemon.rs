@@ -255,6 +255,15 @@ async fn reconcile_loop(
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // A deleted or changed device (ours, or the uplink) should not wait for the
+    // periodic pass; without the subscription the periodic pass still repairs it.
+    let mut links = match crate::netlink::link_events() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(error = %e, "cannot watch link changes; relying on the periodic reconcile");
+            None
+        }
+    };
     let mut next_full = tokio::time::Instant::now() + cfg.reconcile_period;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
@@ -297,6 +306,17 @@ async fn reconcile_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = peers.changed() => if r.is_err() { return },
+            ev = async { match links.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    // Let a burst of link events (a device re-created with its
+                    // addresses) settle, then reconcile once.
+                    Some(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        while links.as_mut().is_some_and(|rx| rx.try_recv().is_ok()) {}
+                    }
+                    None => links = None,
+                }
+            }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_full {
                     next_full = tokio::time::Instant::now() + cfg.reconcile_period;

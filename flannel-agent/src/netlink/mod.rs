@@ -15,6 +15,7 @@ use std::io;
 
 mod addr;
 mod dump;
+mod events;
 pub mod iface;
 #[cfg(test)]
 pub(crate) mod lab;
@@ -26,6 +27,7 @@ mod route;
 pub(crate) mod testutil;
 
 pub use dump::{AddrInfo, DefaultRoute, LinkInfo, RouteLookup};
+pub use events::{link_events, LinkEvent};
 pub use iface::{ExternalInterface, HostView, IfaceError, IfaceSelection};
 pub use link::{disable_accept_ra, LinkDetails, VxlanParams};
 pub use mac::{MacAddr, MacParseError};
