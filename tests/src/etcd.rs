@@ -8,6 +8,11 @@
 //! The process is a [`ChildGuard`]: dropping the server (also during a panic) kills etcd and
 //! removes the directory, and etcd dies with the test binary even if no destructor runs.
 //!
+//! With [`EtcdOptions::in_netns`] etcd runs inside a network namespace (the testbed's fabric)
+//! and listens on an address there, where the processes under test connect directly
+//! ([`EtcdServer::netns_endpoint`]); the test process reaches it through a loopback
+//! forwarder, so [`EtcdServer::endpoint`] and every helper work unchanged.
+//!
 //! Everything that talks to etcd or waits for it is async and needs a tokio runtime with
 //! timers (any `#[tokio::test]`). The data helpers use the admin (root) identity, so they work
 //! on any key whether or not auth is enabled.
@@ -30,7 +35,7 @@
 
 mod certs;
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,6 +48,7 @@ use tempfile::TempDir;
 
 pub use self::certs::{TlsFiles, CLIENT_CERT_CN};
 use crate::process::ChildGuard;
+use crate::testbed::netns::TcpForwarder;
 
 /// The etcd superuser, created when auth is enabled.
 pub const ROOT_USER: &str = "root";
@@ -64,6 +70,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How many times `start` picks new ports when another process took the ones it chose.
 const PORT_ATTEMPTS: u32 = 3;
+/// Client and peer ports inside a namespace of etcd's own, where nothing else listens.
+const NETNS_CLIENT_PORT: u16 = 2379;
+const NETNS_PEER_PORT: u16 = 2380;
 
 /// Makes member names unique among the servers of one test binary; the pid makes them
 /// unique across binaries.
@@ -82,6 +91,18 @@ pub struct EtcdOptions {
     pub auto_compaction: Option<AutoCompaction>,
     /// How long etcd may take to start serving, at start and at each restart.
     pub start_timeout: Duration,
+    /// Run etcd inside this network namespace instead of the test's own.
+    pub netns: Option<EtcdNetns>,
+}
+
+/// Where a namespaced etcd runs: see [`EtcdOptions::in_netns`].
+#[derive(Debug, Clone)]
+pub struct EtcdNetns {
+    /// Name of the network namespace (as in `ip netns`); it must exist, with `lo` up.
+    pub name: String,
+    /// The address etcd listens on for clients (port 2379), and that the TLS server
+    /// certificate is valid for.
+    pub ip: IpAddr,
 }
 
 impl Default for EtcdOptions {
@@ -93,6 +114,7 @@ impl Default for EtcdOptions {
             // A fresh member is normally ready in well under a second; the slack is for a
             // loaded two-core CI machine that is compiling at the same time.
             start_timeout: Duration::from_secs(10),
+            netns: None,
         }
     }
 }
@@ -107,6 +129,16 @@ impl EtcdOptions {
     /// Enable auth, letting [`FLANNEL_USER`] use keys under `prefix`.
     pub fn with_auth(mut self, prefix: &str) -> Self {
         self.auth_prefix = Some(prefix.to_owned());
+        self
+    }
+
+    /// Run etcd with `ip netns exec <netns>`, listening on `ip:2379` (peers on 127.0.0.1:2380
+    /// of that namespace). One such etcd per namespace.
+    pub fn in_netns(mut self, netns: &str, ip: IpAddr) -> Self {
+        self.netns = Some(EtcdNetns {
+            name: netns.to_owned(),
+            ip,
+        });
         self
     }
 
@@ -148,6 +180,8 @@ pub struct EtcdServer {
     /// Admin client reused by the helpers; dropped whenever etcd stops so a restart gets a
     /// fresh connection and token.
     client: Mutex<Option<Client>>,
+    /// With [`EtcdOptions::in_netns`]: how the test process reaches etcd.
+    forwarder: Option<TcpForwarder>,
     /// Holds `data/`, the logs and the certificates; removed on drop.
     dir: TempDir,
 }
@@ -164,7 +198,8 @@ impl EtcdServer {
             .tempdir()
             .context("creating a temporary directory for etcd")?;
         let tls = if options.tls {
-            Some(TlsFiles::generate(dir.path())?)
+            let extra_ips: Vec<IpAddr> = options.netns.iter().map(|n| n.ip).collect();
+            Some(TlsFiles::generate_for(dir.path(), &extra_ips)?)
         } else {
             None
         };
@@ -183,22 +218,31 @@ impl EtcdServer {
             auth_enabled: false,
             starts: 0,
             client: Mutex::new(None),
+            forwarder: None,
             dir,
         };
 
-        // Ports are found by binding port 0 and letting go, so another process can grab one
-        // before etcd binds it; then etcd exits at once and we try again with new ones.
-        for attempt in 1..=PORT_ATTEMPTS {
-            (server.client_port, server.peer_port) = free_port_pair()?;
-            match server.launch().await {
-                Ok(()) => break,
-                Err(e) if attempt < PORT_ATTEMPTS && server.lost_port_race() => {
-                    eprintln!("etcd harness: ports taken, retrying ({e:#})");
-                    // A member that got far enough to write its data dir has recorded the old
-                    // peer URL in it; start from scratch.
-                    let _ = std::fs::remove_dir_all(server.data_dir());
+        if let Some(netns) = server.options.netns.clone() {
+            // A namespace of its own has its ports free, so there is no race to retry.
+            (server.client_port, server.peer_port) = (NETNS_CLIENT_PORT, NETNS_PEER_PORT);
+            let target = SocketAddr::new(netns.ip, NETNS_CLIENT_PORT);
+            server.forwarder = Some(TcpForwarder::start(&netns.name, target)?);
+            server.launch().await?;
+        } else {
+            // Ports are found by binding port 0 and letting go, so another process can grab
+            // one before etcd binds it; then etcd exits at once and we try again with new ones.
+            for attempt in 1..=PORT_ATTEMPTS {
+                (server.client_port, server.peer_port) = free_port_pair()?;
+                match server.launch().await {
+                    Ok(()) => break,
+                    Err(e) if attempt < PORT_ATTEMPTS && server.lost_port_race() => {
+                        eprintln!("etcd harness: ports taken, retrying ({e:#})");
+                        // A member that got far enough to write its data dir has recorded the
+                        // old peer URL in it; start from scratch.
+                        let _ = std::fs::remove_dir_all(server.data_dir());
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
 
@@ -209,9 +253,32 @@ impl EtcdServer {
     }
 
     /// The URL clients connect to, e.g. `http://127.0.0.1:40123` (or `https://` with TLS).
+    /// For an etcd in a namespace, this is the test process's forwarder.
     pub fn endpoint(&self) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        let port = self
+            .forwarder
+            .as_ref()
+            .map_or(self.client_port, |f| f.local_addr().port());
+        format!("{}://127.0.0.1:{port}", self.scheme())
+    }
+
+    /// For an etcd in a namespace ([`EtcdOptions::in_netns`]): the URL processes inside that
+    /// namespace, or routed to it, connect to, e.g. `http://198.18.0.254:2379`.
+    pub fn netns_endpoint(&self) -> Option<String> {
+        let netns = self.options.netns.as_ref()?;
+        Some(format!(
+            "{}://{}",
+            self.scheme(),
+            SocketAddr::new(netns.ip, self.client_port)
+        ))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The member name (`--name`).
@@ -392,9 +459,16 @@ impl EtcdServer {
     }
 
     fn command(&self) -> Command {
-        let client_url = self.endpoint();
+        let client_url = self.netns_endpoint().unwrap_or_else(|| self.endpoint());
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new("etcd");
+        let mut cmd = match &self.options.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &netns.name, "etcd"]);
+                cmd
+            }
+            None => Command::new("etcd"),
+        };
         cmd.arg("--name")
             .arg(&self.name)
             .arg("--data-dir")

@@ -19,7 +19,8 @@ pub const CLIENT_CERT_CN: &str = "flannel-test-client";
 pub struct TlsFiles {
     /// The CA that signed both the server and the client certificate (`--etcd-cafile`).
     pub ca: PathBuf,
-    /// Server certificate, valid for 127.0.0.1, ::1 and localhost.
+    /// Server certificate, valid for 127.0.0.1, ::1 and localhost (and any extra addresses
+    /// given to [`TlsFiles::generate_for`]).
     pub server_cert: PathBuf,
     /// Server private key (PKCS#8).
     pub server_key: PathBuf,
@@ -32,6 +33,12 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Generates a CA, a server and a client certificate and writes them as PEM files to `dir`.
     pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        Self::generate_for(dir, &[])
+    }
+
+    /// Like [`TlsFiles::generate`], with the server certificate also valid for `extra_ips`
+    /// (the address of an etcd in a namespace).
+    pub fn generate_for(dir: &Path, extra_ips: &[std::net::IpAddr]) -> anyhow::Result<Self> {
         let ca_key = KeyPair::generate().context("generating the CA key")?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params
@@ -45,7 +52,9 @@ impl TlsFiles {
         let ca = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate().context("generating the server key")?;
-        let mut server_params = CertificateParams::new(vec!["127.0.0.1".into(), "::1".into(), "localhost".into()])?;
+        let mut names: Vec<String> = vec!["127.0.0.1".into(), "::1".into(), "localhost".into()];
+        names.extend(extra_ips.iter().map(ToString::to_string));
+        let mut server_params = CertificateParams::new(names)?;
         server_params.distinguished_name.push(DnType::CommonName, "etcd");
         server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         // clientAuth too: etcd 3.4's grpc-gateway (which serves /health and the JSON API)
