@@ -3,6 +3,7 @@
 //! One module per subcommand; `ebpf` holds the eBPF build shared with the agent's build script.
 
 mod build_ebpf;
+mod demo;
 mod ebpf;
 mod setup;
 mod test;
@@ -31,6 +32,9 @@ enum Command {
     BuildEbpf(build_ebpf::Args),
     /// What CI runs: setup, rustfmt, clippy (host and eBPF), then the whole test suite.
     Test,
+    /// The main job: a 3-node cluster in network namespaces, showing leases, routes and
+    /// pod-to-pod connectivity for each backend, then torn down (needs root).
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::BuildEbpf(args) => build_ebpf::run(&args),
         Command::Test => test::run(),
+        Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
