@@ -92,7 +92,7 @@ pub async fn run(
         s.waiting_for = "network config".into();
     });
 
-    let Some(config) = fetch_config(sm.as_ref(), &shutdown).await else {
+    let Some(config) = fetch_config(sm.as_ref(), &shutdown).await? else {
         return Ok(());
     };
     let mut sel = cfg.iface.clone();
@@ -142,12 +142,12 @@ pub async fn run(
     };
     let traffic = Arc::new(TrafficManager::new(TrafficOptions {
         nftables: config.enable_nftables,
-        ..cfg.traffic.clone()
+        ..cfg.traffic
     }));
     health.update(|s| s.waiting_for = "traffic rules".into());
     traffic.setup(&rules, &previous_rules).await?;
     let traffic_task = {
-        let (traffic, rules, shutdown) = (traffic.clone(), rules.clone(), shutdown.clone());
+        let (traffic, rules, shutdown) = (traffic.clone(), rules, shutdown.clone());
         tokio::spawn(async move { traffic.run(&rules, shutdown).await })
     };
 
@@ -201,19 +201,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Reads the network config, retrying every second until it is there and valid,
-/// as upstream does (an operator may write it after starting the agents).
-async fn fetch_config(sm: &dyn SubnetManager, shutdown: &CancellationToken) -> Option<NetworkConfig> {
+/// Reads the network config, retrying every second while it is absent or the
+/// store cannot be reached, as upstream does (an operator may write it after
+/// starting the agents). A config that is there but invalid is fatal: upstream
+/// retries forever and buries the reason in its log; exiting with one line that
+/// names the field shows it where an operator looks.
+async fn fetch_config(
+    sm: &dyn SubnetManager,
+    shutdown: &CancellationToken,
+) -> Result<Option<NetworkConfig>, DaemonError> {
     loop {
         match sm.network_config().await {
             Ok(c) => {
                 info!(network = ?c.network, ipv6_network = ?c.ipv6_network, backend = %c.backend_type, "network config");
-                return Some(c);
+                return Ok(Some(c));
             }
+            Err(e @ SubnetError::Config { .. }) => return Err(e.into()),
             Err(e) => warn!(error = %e, "couldn't fetch network config; retrying in 1 s"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }

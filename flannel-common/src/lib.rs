@@ -1,27 +1,74 @@
-//! The kernel/user contract of flannel-rs: BPF map and program names, map keys and values.
+//! The kernel/user contract of flannel-rs: BPF map and program names, map keys and values,
+//! the load-time configuration and the counters.
 //!
 //! `flannel-ebpf` (built for `bpfel-unknown-none`) and the agent's `dataplane` module both
 //! use these definitions, so a layout change is one edit here and both sides follow. Every
-//! type is `#[repr(C)]` with fixed-width fields, no implicit padding and a compile-time size
+//! type is `#[repr(C)]` with fixed-width fields, explicit padding and a compile-time size
 //! assert; with the `user` feature each one is also an [`aya::Pod`] so aya can copy it in and
 //! out of maps.
+//!
+//! IPv4 addresses are `[u8; 4]` in network byte order (the octets as they are on the wire), so
+//! the datapath compares them with packet bytes without any byte swapping and `bpftool map
+//! dump` prints them as four readable numbers.
+//!
+//! Maps are pinned under `<pin-dir>/v<DATAPATH_VERSION>/<MAP>`. aya reuses a pinned map without
+//! checking its layout, so any change to a key, a value or a map's type or size below must bump
+//! [`DATAPATH_VERSION`]: the agent then starts from fresh maps in a new directory.
 #![no_std]
 
 use core::{mem::size_of, net::Ipv4Addr};
 
-/// Name of the LPM trie that maps a remote pod subnet to the VTEP that serves it.
+/// Version of the map layout; part of the pin directory (`<pin-dir>/v1/...`).
+pub const DATAPATH_VERSION: u32 = 1;
+/// The pin subdirectory for [`DATAPATH_VERSION`].
+pub const PIN_SUBDIR: &str = "v1";
+
+// PIN_SUBDIR must name DATAPATH_VERSION (one digit while we are below v10).
+const _: () = {
+    let dir = PIN_SUBDIR.as_bytes();
+    assert!(DATAPATH_VERSION < 10 && dir.len() == 2 && dir[0] == b'v');
+    assert!(dir[1] == b'0' + DATAPATH_VERSION as u8);
+};
+
+/// Name of the LPM trie that maps a remote pod subnet ([`VtepKey`]) to the VTEP that serves it
+/// ([`RemoteVtep`]). Read by `flannel_encap`.
 pub const MAP_VTEPS: &str = "FLANNEL_VTEPS";
+/// Name of the hash of known VTEP addresses (`[u8; 4]` → `u32`, the number of
+/// [`MAP_VTEPS`] entries that name the address). `flannel_decap` drops VXLAN packets whose
+/// outer source is not in it.
+pub const MAP_VTEP_ADDRS: &str = "FLANNEL_VTEP_ADDRS";
 /// Name of the per-CPU array of datapath counters, indexed by [`Stat`].
 pub const MAP_STATS: &str = "FLANNEL_STATS";
-/// Every map the agent expects in the built object.
-pub const MAP_NAMES: [&str; 2] = [MAP_VTEPS, MAP_STATS];
+/// Every map the agent pins, and expects in the built object.
+pub const MAP_NAMES: [&str; 3] = [MAP_VTEPS, MAP_VTEP_ADDRS, MAP_STATS];
 
-/// Name of the TC egress classifier that looks up the destination VTEP of a packet.
+/// Name of the TC classifier for the egress of `flannel.<VNI>`: encapsulates IPv4 packets for
+/// known remote subnets and redirects them to the underlay device.
 pub const PROG_ENCAP: &str = "flannel_encap";
-/// Name of the TC ingress classifier for packets that arrive from remote VTEPs.
+/// Name of the TC classifier for the ingress of the underlay device: decapsulates VXLAN
+/// packets from known VTEPs and redirects the inner frame into `flannel.<VNI>`.
 pub const PROG_DECAP: &str = "flannel_decap";
+/// Name of the TC classifier that `probe` runs with `BPF_PROG_TEST_RUN` to learn which
+/// `bpf_skb_adjust_room` flags the kernel accepts; never attached. Returns [`PROBE_OK_ENCAP`]
+/// and friends.
+pub const PROG_PROBE: &str = "flannel_probe";
 /// Every program the agent expects in the built object.
-pub const PROGRAM_NAMES: [&str; 2] = [PROG_ENCAP, PROG_DECAP];
+pub const PROGRAM_NAMES: [&str; 3] = [PROG_ENCAP, PROG_DECAP, PROG_PROBE];
+
+/// Name of the global ([`DatapathConfig`]) that the agent sets at load time.
+pub const GLOBAL_CONFIG: &str = "FLANNEL_CONFIG";
+
+/// [`PROG_PROBE`] result bit: `bpf_skb_adjust_room(+50, MAC, FIXED_GSO | ENCAP_L3_IPV4 |
+/// ENCAP_L4_UDP | ENCAP_L2(14) | ENCAP_L2_ETH)` succeeded.
+pub const PROBE_OK_ENCAP: u32 = 1 << 0;
+/// [`PROG_PROBE`] result bit: `bpf_skb_adjust_room(-50, MAC, FIXED_GSO | DECAP_L3_IPV4)`
+/// succeeded.
+pub const PROBE_OK_DECAP: u32 = 1 << 1;
+/// [`PROG_PROBE`] result bit: the kernel also accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, which
+/// clears the UDP-tunnel GSO state on decap (not in 6.18; see [`CFG_F_DECAP_L4_UDP`]).
+pub const PROBE_OK_DECAP_L4_UDP: u32 = 1 << 2;
+/// Offset added to the probe's bits so that a result is never confused with a TC verdict.
+pub const PROBE_RESULT_BASE: u32 = 0x100;
 
 /// Capacity of [`MAP_VTEPS`]: one entry per remote node lease.
 ///
@@ -29,20 +76,22 @@ pub const PROGRAM_NAMES: [&str; 2] = [PROG_ENCAP, PROG_DECAP];
 /// /24s; the trie is created with `BPF_F_NO_PREALLOC` (the kernel insists), so the unused
 /// capacity costs no memory.
 pub const VTEPS_MAX_ENTRIES: u32 = 65536;
+/// Capacity of [`MAP_VTEP_ADDRS`]: at most one address per [`MAP_VTEPS`] entry.
+pub const VTEP_ADDRS_MAX_ENTRIES: u32 = VTEPS_MAX_ENTRIES;
 
 /// Key of [`MAP_VTEPS`]: an IPv4 prefix in the layout the kernel's LPM trie expects.
 ///
 /// The kernel reads `prefix_len` first and then compares `addr` byte by byte, most significant
 /// bit first (`struct bpf_lpm_trie_key_u8` in `include/uapi/linux/bpf.h`), so `addr` holds the
-/// address in network byte order: its in-memory bytes are the four octets. The layout is the
-/// same as aya's `lpm_trie::Key<u32>`, which both aya crates use to address the trie.
+/// octets in wire order. The layout is that of aya's `lpm_trie::Key<[u8; 4]>` (fields
+/// `prefix_len` and `data`), which both aya crates use to address the trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VtepKey {
     /// Number of leading bits of `addr` that are significant (0..=32).
     pub prefix_len: u32,
-    /// IPv4 address, network byte order (`u32::from_ne_bytes(octets)`).
-    pub addr: u32,
+    /// The prefix, network byte order.
+    pub addr: [u8; 4],
 }
 
 const _: () = assert!(size_of::<VtepKey>() == 8);
@@ -52,88 +101,217 @@ impl VtepKey {
     pub const fn new(addr: Ipv4Addr, prefix_len: u32) -> Self {
         Self {
             prefix_len,
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: addr.octets(),
         }
-    }
-
-    /// Builds the key to look up a single address (a /32), as the datapath does per packet.
-    ///
-    /// `addr` is taken as it sits in the packet, i.e. already in network byte order.
-    pub const fn host(addr: u32) -> Self {
-        Self { prefix_len: 32, addr }
     }
 
     /// The prefix address as an [`Ipv4Addr`].
     pub const fn ipv4(&self) -> Ipv4Addr {
-        let [a, b, c, d] = self.addr.to_ne_bytes();
+        let [a, b, c, d] = self.addr;
         Ipv4Addr::new(a, b, c, d)
     }
 }
 
-/// [`VtepInfo::flags`] bit: the remote node shares an L2 segment with this one, so its
+/// [`RemoteVtep::flags`] bit: the remote node shares an L2 segment with this one, so its
 /// packets are routed directly instead of encapsulated (flannel's `DirectRouting`).
+///
+/// `flannel_encap` leaves such packets to the kernel (upstream routes them through the
+/// underlay device, so they should not reach `flannel.<VNI>` at all); the pod fast path will
+/// redirect them to the node without encapsulation.
 pub const VTEP_F_DIRECT_ROUTING: u16 = 1 << 0;
 
-/// Value of [`MAP_VTEPS`]: how to reach the VTEP of a remote node.
+/// Value of [`MAP_VTEPS`]: how to reach the VTEP of a remote node (from its lease).
 ///
 /// Fields are ordered so that each is naturally aligned and the struct has no padding byte
 /// (aya copies it as raw bytes, and padding would carry uninitialised memory into the map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct VtepInfo {
-    /// Underlay (public) IPv4 address of the remote node: the outer destination, network
-    /// byte order.
-    pub remote_ip: u32,
-    /// MAC address of the remote node's `flannel.<VNI>` device: the inner destination MAC.
-    pub mac: [u8; 6],
+pub struct RemoteVtep {
+    /// Underlay address of the remote node (the lease's `PublicIP`): the outer destination,
+    /// network byte order.
+    pub vtep_ip: [u8; 4],
+    /// MAC address of the remote node's `flannel.<VNI>` (the lease's `VtepMAC`): the inner
+    /// destination MAC.
+    pub vtep_mac: [u8; 6],
     /// `VTEP_F_*` bits.
     pub flags: u16,
 }
 
-const _: () = assert!(size_of::<VtepInfo>() == 12);
-const _: () = assert!(size_of::<VtepInfo>() == size_of::<u32>() + size_of::<[u8; 6]>() + size_of::<u16>());
+const _: () = assert!(size_of::<RemoteVtep>() == 12);
+const _: () = assert!(size_of::<RemoteVtep>() == 4 + 6 + size_of::<u16>());
 
-impl VtepInfo {
-    /// Builds the value for a remote VTEP at `remote_ip` with device MAC `mac`.
-    pub const fn new(remote_ip: Ipv4Addr, mac: [u8; 6], flags: u16) -> Self {
+impl RemoteVtep {
+    /// Builds the value for a remote VTEP at `vtep_ip` whose device has MAC `vtep_mac`.
+    pub const fn new(vtep_ip: Ipv4Addr, vtep_mac: [u8; 6], flags: u16) -> Self {
         Self {
-            remote_ip: u32::from_ne_bytes(remote_ip.octets()),
-            mac,
+            vtep_ip: vtep_ip.octets(),
+            vtep_mac,
             flags,
         }
     }
 
     /// The underlay address as an [`Ipv4Addr`].
-    pub const fn remote_ipv4(&self) -> Ipv4Addr {
-        let [a, b, c, d] = self.remote_ip.to_ne_bytes();
+    pub const fn ipv4(&self) -> Ipv4Addr {
+        let [a, b, c, d] = self.vtep_ip;
         Ipv4Addr::new(a, b, c, d)
     }
 }
 
-/// Index of a counter in [`MAP_STATS`]; each slot is a per-CPU `u64`.
-#[repr(u32)]
+/// [`DatapathConfig::flags`] bit: `flannel_decap` also decapsulates GSO packets (GRO
+/// aggregates, or GSO skbs a veth passed on unsegmented).
+///
+/// Off by default on kernels without [`CFG_F_DECAP_L4_UDP`]: there `bpf_skb_adjust_room`
+/// leaves `skb->encapsulation` and `SKB_GSO_UDP_TUNNEL` set on the decapsulated packet
+/// (`bpf_skb_net_shrink` in net/core/filter.c only pops bytes), unlike the vxlan driver
+/// (`iptunnel_pull_offloads` in include/net/ip_tunnels.h clears both). A packet in that state
+/// that is later forwarded to a device which must segment it in software, or which offloads
+/// checksums by inner headers, can be dropped or corrupted. Such packets go to the kernel's
+/// `flannel.<VNI>` instead, which GRO already made cheap per byte.
+pub const CFG_F_DECAP_GSO: u32 = 1 << 0;
+/// [`DatapathConfig::flags`] bit: the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (bpf-next,
+/// 2026; not in 6.18), which makes decapsulation clear the UDP-tunnel GSO state as the vxlan
+/// driver does. The agent sets it, with [`CFG_F_DECAP_GSO`], when the probe finds the flag.
+pub const CFG_F_DECAP_L4_UDP: u32 = 1 << 1;
+
+/// Load-time configuration of the programs: the global [`GLOBAL_CONFIG`].
+///
+/// A global rather than a config map: the agent sets it with `EbpfLoader::override_global`,
+/// aya freezes the `.rodata` map that holds it, and the verifier then treats every field as a
+/// known constant (it prunes branches on `flags`, and each packet pays no map lookup). The
+/// values only change when `flannel.<VNI>` or the underlay device changes, and then the agent
+/// loads the programs again and swaps them in atomically; the maps, which do change at run
+/// time, are pinned and carry over.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// This node's VTEP address (flannel's `PublicIP`, the `local` of `flannel.<VNI>`): the
+    /// outer source of encapsulated packets and the outer destination `flannel_decap` accepts.
+    /// Network byte order.
+    pub vtep_ip: [u8; 4],
+    /// The VXLAN network identifier (flannel's `VNI`), host byte order, below 2^24.
+    pub vni: u32,
+    /// Interface index of `flannel.<VNI>`, where decapsulated frames are delivered.
+    pub vxlan_ifindex: u32,
+    /// Interface index of the underlay device (flannel's external interface). The encap
+    /// program's FIB lookup starts from it, as if the outer packet was forwarded there.
+    pub uplink_ifindex: u32,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
+    /// MAC address of `flannel.<VNI>`: the inner source MAC of encapsulated frames, and the
+    /// inner destination MAC `flannel_decap` accepts.
+    pub vtep_mac: [u8; 6],
+    /// UDP destination port (flannel's `Port`, 8472 by default), host byte order.
+    pub port: u16,
+    /// Lowest outer UDP source port, host byte order. The kernel's vxlan device uses
+    /// `net.ipv4.ip_local_port_range` when its `srcport` range is unset (as flannel creates
+    /// it), so the agent copies that range here.
+    pub src_port_min: u16,
+    /// Upper end (exclusive, as in the kernel's `udp_flow_src_port`) of the source ports.
+    pub src_port_max: u16,
+    /// Outer TTL. The vxlan device is `ttl auto`, i.e. the route's hop limit, which is
+    /// `net.ipv4.ip_default_ttl` unless a route sets one; the agent copies the sysctl.
+    pub ttl: u8,
+    /// Explicit padding (zero).
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<DatapathConfig>() == 36);
+const _: () = assert!(
+    size_of::<DatapathConfig>() == 4 * 5 + 6 + 2 * 3 + 1 + 3,
+    "DatapathConfig has implicit padding"
+);
+
+impl DatapathConfig {
+    /// All zero: the value the object is built with. A zero `vxlan_ifindex` makes both programs
+    /// pass every packet, so an object loaded without a configuration does nothing.
+    pub const ZERO: Self = Self {
+        vtep_ip: [0; 4],
+        vni: 0,
+        vxlan_ifindex: 0,
+        uplink_ifindex: 0,
+        flags: 0,
+        vtep_mac: [0; 6],
+        port: 0,
+        src_port_min: 0,
+        src_port_max: 0,
+        ttl: 0,
+        _pad: [0; 3],
+    };
+}
+
+/// Index of a counter in [`MAP_STATS`]; each slot is a per-CPU `u64`.
+///
+/// Every packet a program sees is counted in exactly one of its outcome counters (those that
+/// are not `*Bytes`), so they add up to the packets seen. `Pass` means the packet continues
+/// unchanged (`TC_ACT_OK`) to the kernel's own path, which handles it as upstream flannel's
+/// datapath would; `Drop` means `TC_ACT_SHOT`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stat {
-    /// Packets seen by the encap program.
+    /// Packets encapsulated and redirected to the underlay.
     EncapPackets = 0,
-    /// IPv4 packets whose destination matched a remote subnet in [`MAP_VTEPS`].
-    EncapVtepHit = 1,
-    /// IPv4 packets whose destination matched no remote subnet (left to the stack).
-    EncapVtepMiss = 2,
-    /// Packets the encap program passed without a lookup (not IPv4, or too short).
-    EncapNotIpv4 = 3,
-    /// Packets seen by the decap program.
-    DecapPackets = 4,
+    /// Bytes of those, as sent (outer headers included; a GSO packet counts once, whole).
+    EncapBytes = 1,
+    /// Passed: not IPv4 (ARP, IPv6), or too short to hold an IPv4 header.
+    EncapPassNotIpv4 = 2,
+    /// Passed: the destination is in no remote subnet of [`MAP_VTEPS`] (or the object was
+    /// loaded without a configuration, see [`DatapathConfig::ZERO`]).
+    EncapPassNoVtep = 3,
+    /// Passed: the subnet's VTEP is marked [`VTEP_F_DIRECT_ROUTING`].
+    EncapPassDirectRouting = 4,
+    /// Passed: the packet (or a GSO segment) would exceed the underlay route's MTU once
+    /// encapsulated; the vxlan driver does the PMTU handling (ICMP "fragmentation needed").
+    EncapPassTooBig = 5,
+    /// Passed: the underlay FIB lookup for the remote VTEP failed (no route, unreachable,
+    /// local address, forwarding disabled on the underlay device).
+    EncapPassNoUnderlayRoute = 6,
+    /// Passed: the kernel refused `bpf_skb_adjust_room` (e.g. an already encapsulated skb), or a
+    /// GSO packet whose segment size the program cannot compute (neither TCP nor UDP).
+    EncapPassUnsupported = 7,
+    /// Dropped: writing the headers failed after the room was made (should not happen).
+    EncapDropWriteFailed = 8,
+    /// VXLAN packets decapsulated and redirected into `flannel.<VNI>`.
+    DecapPackets = 9,
+    /// Bytes of those, as delivered (inner Ethernet frame).
+    DecapBytes = 10,
+    /// Passed: not a VXLAN packet for this VTEP and VNI (other traffic of the underlay device,
+    /// an outer IPv4 header with options or a fragment, which the kernel reassembles first, or
+    /// no configuration).
+    DecapPassNotVxlan = 11,
+    /// Passed to `flannel.<VNI>`: VXLAN for this VTEP and VNI that the kernel handles (GSO
+    /// without [`CFG_F_DECAP_GSO`], other VXLAN flags, bad outer IPv4 checksum or lengths, a
+    /// UDP checksum, ECN CE outside, inner frame not IPv4 or not addressed to this VTEP).
+    DecapPassKernel = 12,
+    /// Dropped: the outer source is not a known VTEP ([`MAP_VTEP_ADDRS`]). Upstream accepts
+    /// VXLAN from anyone; this datapath does not.
+    DecapDropUnknownVtep = 13,
+    /// Dropped: UDP to the VXLAN port and this VTEP, but too short to hold VXLAN, inner
+    /// Ethernet and inner IPv4 headers.
+    DecapDropMalformed = 14,
+    /// Dropped: writing the inner Ethernet header failed after the outer headers were removed
+    /// (should not happen).
+    DecapDropWriteFailed = 15,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 16] = [
         Self::EncapPackets,
-        Self::EncapVtepHit,
-        Self::EncapVtepMiss,
-        Self::EncapNotIpv4,
+        Self::EncapBytes,
+        Self::EncapPassNotIpv4,
+        Self::EncapPassNoVtep,
+        Self::EncapPassDirectRouting,
+        Self::EncapPassTooBig,
+        Self::EncapPassNoUnderlayRoute,
+        Self::EncapPassUnsupported,
+        Self::EncapDropWriteFailed,
         Self::DecapPackets,
+        Self::DecapBytes,
+        Self::DecapPassNotVxlan,
+        Self::DecapPassKernel,
+        Self::DecapDropUnknownVtep,
+        Self::DecapDropMalformed,
+        Self::DecapDropWriteFailed,
     ];
     /// Number of slots in [`MAP_STATS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -143,14 +321,42 @@ impl Stat {
         self as u32
     }
 
-    /// A stable snake_case name for metrics and logs.
+    /// Whether a packet counted here was dropped (`TC_ACT_SHOT`) rather than passed on or
+    /// redirected.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::EncapDropWriteFailed
+                | Self::DecapDropUnknownVtep
+                | Self::DecapDropMalformed
+                | Self::DecapDropWriteFailed
+        )
+    }
+
+    /// Whether this counts bytes rather than packets.
+    pub const fn is_bytes(self) -> bool {
+        matches!(self, Self::EncapBytes | Self::DecapBytes)
+    }
+
+    /// A stable snake_case name for metrics, logs and `flannelctl`.
     pub const fn name(self) -> &'static str {
         match self {
             Self::EncapPackets => "encap_packets",
-            Self::EncapVtepHit => "encap_vtep_hit",
-            Self::EncapVtepMiss => "encap_vtep_miss",
-            Self::EncapNotIpv4 => "encap_not_ipv4",
+            Self::EncapBytes => "encap_bytes",
+            Self::EncapPassNotIpv4 => "encap_pass_not_ipv4",
+            Self::EncapPassNoVtep => "encap_pass_no_vtep",
+            Self::EncapPassDirectRouting => "encap_pass_direct_routing",
+            Self::EncapPassTooBig => "encap_pass_too_big",
+            Self::EncapPassNoUnderlayRoute => "encap_pass_no_underlay_route",
+            Self::EncapPassUnsupported => "encap_pass_unsupported",
+            Self::EncapDropWriteFailed => "encap_drop_write_failed",
             Self::DecapPackets => "decap_packets",
+            Self::DecapBytes => "decap_bytes",
+            Self::DecapPassNotVxlan => "decap_pass_not_vxlan",
+            Self::DecapPassKernel => "decap_pass_kernel",
+            Self::DecapDropUnknownVtep => "decap_drop_unknown_vtep",
+            Self::DecapDropMalformed => "decap_drop_malformed",
+            Self::DecapDropWriteFailed => "decap_drop_write_failed",
         }
     }
 }
@@ -164,30 +370,32 @@ const _: () = {
     }
 };
 
-// SAFETY: `VtepKey` and `VtepInfo` are `#[repr(C)]`, made only of integers and byte arrays
-// (every bit pattern is valid), `Copy`, and have no padding (the size asserts above).
+// SAFETY (all four): `#[repr(C)]`, made only of integers and byte arrays (every bit pattern
+// is valid), `Copy`, and without padding (the size asserts above; `DatapathConfig` names its
+// padding as a field).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for VtepKey {}
-// SAFETY: see `VtepKey` above.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for VtepInfo {}
+unsafe impl aya::Pod for RemoteVtep {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DatapathConfig {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn vtep_key_holds_the_address_in_network_byte_order() {
+    fn vtep_key_holds_the_octets_in_wire_order() {
         let key = VtepKey::new(Ipv4Addr::new(10, 244, 1, 0), 24);
-        assert_eq!(key.addr.to_ne_bytes(), [10, 244, 1, 0]);
+        assert_eq!(key.addr, [10, 244, 1, 0]);
         assert_eq!(key.ipv4(), Ipv4Addr::new(10, 244, 1, 0));
-        assert_eq!(VtepKey::host(key.addr).prefix_len, 32);
     }
 
     #[test]
-    fn vtep_info_round_trips_the_remote_address() {
-        let info = VtepInfo::new(Ipv4Addr::new(192, 0, 2, 7), [2, 0, 0, 0, 0, 1], VTEP_F_DIRECT_ROUTING);
-        assert_eq!(info.remote_ipv4(), Ipv4Addr::new(192, 0, 2, 7));
+    fn remote_vtep_round_trips_the_address() {
+        let vtep = RemoteVtep::new(Ipv4Addr::new(192, 0, 2, 7), [2, 0, 0, 0, 0, 1], VTEP_F_DIRECT_ROUTING);
+        assert_eq!(vtep.ipv4(), Ipv4Addr::new(192, 0, 2, 7));
+        assert_eq!(vtep.vtep_ip, [192, 0, 2, 7]);
     }
 
     #[test]
@@ -196,6 +404,94 @@ mod tests {
             for b in &Stat::ALL[i + 1..] {
                 assert_ne!(a.name(), b.name());
             }
+        }
+    }
+}
+
+/// Wire-format arithmetic that must match the kernel's vxlan driver bit for bit; shared by
+/// the eBPF programs and the agent's tests.
+pub mod wire {
+    /// ECN field of the IPv4 TOS byte (RFC 3168).
+    pub const ECN_MASK: u8 = 0x03;
+    /// ECN "Congestion Experienced".
+    pub const ECN_CE: u8 = 0x03;
+    /// ECN "ECN-Capable Transport (0)".
+    pub const ECN_ECT0: u8 = 0x02;
+
+    /// The Internet checksum (RFC 1071) of a 20-byte IPv4 header: the value for the checksum
+    /// field when that field is zero, and zero when the header, checksum included, is intact.
+    #[inline(always)]
+    pub fn ipv4_checksum(header: &[u8; 20]) -> [u8; 2] {
+        // SAFETY: `[u8; 20]` and `[[u8; 2]; 10]` have the same size and alignment 1.
+        let words: &[[u8; 2]; 10] = unsafe { &*(header as *const [u8; 20]).cast() };
+        let mut sum: u32 = 0;
+        for word in words {
+            sum += u32::from(u16::from_be_bytes(*word));
+        }
+        // Ten words sum to at most 0x9fff6: two folds bring every carry back into 16 bits.
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        (!(sum as u16)).to_be_bytes()
+    }
+
+    /// The outer TOS for an inner packet with TOS `inner_tos`, as the vxlan driver computes it
+    /// for a device without a `tos` setting (flannel sets none): DSCP 0 and the inner ECN field,
+    /// except that CE becomes ECT(0) (`ip_tunnel_ecn_encap` → `INET_ECN_encapsulate`,
+    /// include/net/inet_ecn.h).
+    #[inline(always)]
+    pub const fn outer_tos(inner_tos: u8) -> u8 {
+        match inner_tos & ECN_MASK {
+            ECN_CE => ECN_ECT0,
+            ecn => ecn,
+        }
+    }
+
+    /// The UDP source port for a flow hash, as the kernel's `udp_flow_src_port`
+    /// (include/net/udp.h) maps it into `[min, max)`: the hash is folded so its low bits
+    /// reach the upper half, then scaled into the range. `max <= min` yields `min`.
+    #[inline(always)]
+    pub const fn flow_src_port(hash: u32, min: u16, max: u16) -> u16 {
+        let hash = hash ^ (hash << 16);
+        let range = max.saturating_sub(min) as u64;
+        (((hash as u64 * range) >> 32) as u16).wrapping_add(min)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn checksum_of_a_known_header() {
+            // A UDP packet 192.168.0.1 -> 192.168.0.199 (checksum computed independently).
+            let mut h = [
+                0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0,
+                0xa8, 0x00, 0xc7,
+            ];
+            assert_eq!(ipv4_checksum(&h), [0xb8, 0x61]);
+            h[10] = 0xb8;
+            h[11] = 0x61;
+            assert_eq!(ipv4_checksum(&h), [0, 0], "an intact header sums to zero");
+        }
+
+        #[test]
+        fn outer_tos_keeps_only_ecn_and_maps_ce_to_ect0() {
+            assert_eq!(outer_tos(0xb8), 0); // DSCP EF, not ECT
+            assert_eq!(outer_tos(0xb9), 1); // ECT(1)
+            assert_eq!(outer_tos(0x02), 2); // ECT(0)
+            assert_eq!(outer_tos(0x03), ECN_ECT0); // CE
+        }
+
+        #[test]
+        fn src_port_stays_in_the_half_open_range() {
+            let (min, max) = (32768, 60999);
+            for hash in [0u32, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
+                let port = flow_src_port(hash, min, max);
+                assert!((min..max).contains(&port), "{hash:#x} -> {port}");
+            }
+            // Worked example: h = 0x12345678 ^ 0x56780000 = 0x444c5678;
+            // 0x444c5678 * 28231 >> 32 = 7531; + 32768.
+            assert_eq!(flow_src_port(0x1234_5678, min, max), 32768 + 7531);
+            assert_eq!(flow_src_port(7, 100, 100), 100);
         }
     }
 }

@@ -1,23 +1,37 @@
-//! flannel-rs eBPF datapath: TC classifiers attached to the VXLAN and uplink devices.
+//! flannel-rs eBPF datapath: VXLAN encapsulation and decapsulation as TC classifiers.
 //!
-//! This is the minimal program set the agent embeds today: `flannel_encap` looks up the
-//! destination of each IPv4 packet in `FLANNEL_VTEPS` and counts what it finds, and
-//! `flannel_decap` counts. Both always pass the packet on (TC_ACT_OK), so the kernel's own
-//! `flannel.<VNI>` device still does the encapsulation. Names, keys and values come from
-//! `flannel-common`; the agent checks the built object against those names.
+//! * `flannel_encap` (egress of `flannel.<VNI>`) encapsulates IPv4 packets whose destination
+//!   is in a remote node's subnet and redirects them to the underlay device, replacing the
+//!   vxlan driver's transmit path with a byte-identical result.
+//! * `flannel_decap` (ingress of the underlay device) strips VXLAN from known VTEPs and hands
+//!   the inner frame to `flannel.<VNI>`, as the vxlan driver's receive path would.
+//! * `flannel_probe` is never attached: the agent runs it once with `BPF_PROG_TEST_RUN` to see
+//!   which `bpf_skb_adjust_room` flags the kernel accepts.
+//!
+//! Whatever the programs do not handle goes on unchanged (`TC_ACT_OK`) to the kernel's own
+//! vxlan device, which upstream flannel programs and flannel-rs keeps: detaching the programs,
+//! or a map miss, falls back to exactly upstream's datapath. Names, map types and the
+//! configuration come from `flannel-common`.
 #![no_std]
 #![no_main]
+
+mod decap;
+mod encap;
+mod headers;
 
 use core::mem::{offset_of, size_of};
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    btf_maps::{lpm_trie::Key, LpmTrie, PerCpuArray},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray},
     macros::{btf_map, classifier},
     programs::TcContext,
+    Global,
 };
-use aya_log_ebpf::error;
-use flannel_common::{Stat, VtepInfo, VtepKey, VTEPS_MAX_ENTRIES};
+use flannel_common::{
+    DatapathConfig, RemoteVtep, Stat, VtepKey, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP,
+    PROBE_RESULT_BASE, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
+};
 
 /// Remote pod subnet -> VTEP, longest prefix wins. Filled by the agent from the leases.
 ///
@@ -25,93 +39,109 @@ use flannel_common::{Stat, VtepInfo, VtepKey, VTEPS_MAX_ENTRIES};
 /// `bpftool map dump` prints field names. aya-ebpf's BTF `LpmTrie` fixes the key type to its
 /// own `lpm_trie::Key<K>`; the asserts below keep that byte-identical to `VtepKey`.
 #[btf_map]
-static FLANNEL_VTEPS: LpmTrie<u32, VtepInfo, { VTEPS_MAX_ENTRIES as usize }> = LpmTrie::new();
+static FLANNEL_VTEPS: LpmTrie<[u8; 4], RemoteVtep, { VTEPS_MAX_ENTRIES as usize }> = LpmTrie::new();
+
+/// Known VTEP addresses (outer sources `flannel_decap` accepts) -> number of `FLANNEL_VTEPS`
+/// entries that name them. Maintained by the agent together with `FLANNEL_VTEPS`.
+#[btf_map]
+static FLANNEL_VTEP_ADDRS: HashMap<[u8; 4], u32, { VTEP_ADDRS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// Datapath counters, one `u64` per CPU per [`Stat`], summed by the agent.
 #[btf_map]
 static FLANNEL_STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
 
-const _: () = assert!(size_of::<Key<u32>>() == size_of::<VtepKey>());
-const _: () = assert!(offset_of!(Key<u32>, prefix_len) == offset_of!(VtepKey, prefix_len));
-const _: () = assert!(offset_of!(Key<u32>, data) == offset_of!(VtepKey, addr));
+/// The node's configuration, set by the agent at load time (`EbpfLoader::override_global`).
+/// It lives in `.rodata`, which aya freezes, so the verifier sees constants.
+#[unsafe(no_mangle)]
+static FLANNEL_CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::ZERO);
 
-/// Ethernet header length; TC programs see the frame from the MAC header on.
-const ETH_HLEN: usize = 14;
-/// Offset of the EtherType in the Ethernet header.
-const ETH_TYPE_OFFSET: usize = 12;
-/// EtherType of IPv4.
-const ETH_P_IP: u16 = 0x0800;
-/// Offset of the IPv4 destination address in the frame (fixed part of the IPv4 header).
-const IPV4_DADDR_OFFSET: usize = ETH_HLEN + 16;
+const _: () = assert!(size_of::<Key<[u8; 4]>>() == size_of::<VtepKey>());
+const _: () = assert!(offset_of!(Key<[u8; 4]>, prefix_len) == offset_of!(VtepKey, prefix_len));
+const _: () = assert!(offset_of!(Key<[u8; 4]>, data) == offset_of!(VtepKey, addr));
 
-/// TC egress on the pod-facing side: finds the remote VTEP for the packet's destination.
+/// TC egress of `flannel.<VNI>`: VXLAN-encapsulates packets for remote subnets.
 #[classifier]
 pub fn flannel_encap(ctx: TcContext) -> i32 {
-    match try_flannel_encap(&ctx) {
-        Ok(action) => action,
-        Err(reason) => pass(&ctx, reason),
-    }
+    verdict(encap::encap(&ctx, &FLANNEL_CONFIG.load()))
 }
 
-/// TC ingress on the uplink: packets from remote VTEPs. Counts them for now.
+/// TC ingress of the underlay device: decapsulates VXLAN from known VTEPs into
+/// `flannel.<VNI>`.
 #[classifier]
 pub fn flannel_decap(ctx: TcContext) -> i32 {
-    match try_flannel_decap(&ctx) {
+    verdict(decap::decap(&ctx, &FLANNEL_CONFIG.load()))
+}
+
+/// Never attached. Run with `BPF_PROG_TEST_RUN` on an Ethernet/IPv4 frame of at least 150
+/// bytes; returns [`PROBE_RESULT_BASE`] | the `PROBE_OK_*` bits of the `bpf_skb_adjust_room`
+/// calls the kernel accepted. Decapsulation is tried first: a successful encapsulation sets
+/// `skb->encapsulation`, after which the kernel refuses another one.
+#[classifier]
+pub fn flannel_probe(ctx: TcContext) -> i32 {
+    let mut ok = 0;
+    if ctx
+        .adjust_room(
+            -(headers::ADJUST_LEN as i32),
+            decap::MODE,
+            decap::FLAGS | decap::F_DECAP_L4_UDP,
+        )
+        .is_ok()
+    {
+        ok |= PROBE_OK_DECAP_L4_UDP;
+    }
+    if ctx
+        .adjust_room(-(headers::ADJUST_LEN as i32), decap::MODE, decap::FLAGS)
+        .is_ok()
+    {
+        ok |= PROBE_OK_DECAP;
+    }
+    if ctx
+        .adjust_room(headers::ADJUST_LEN as i32, encap::MODE, encap::FLAGS)
+        .is_ok()
+    {
+        ok |= PROBE_OK_ENCAP;
+    }
+    (PROBE_RESULT_BASE | ok) as i32
+}
+
+/// Turns a program's outcome into its TC verdict, counting it: `Ok` is a verdict whose
+/// counters the program already updated; `Err` says why the packet is passed or dropped.
+#[inline(always)]
+fn verdict(outcome: Result<i32, Stat>) -> i32 {
+    match outcome {
         Ok(action) => action,
-        Err(reason) => pass(&ctx, reason),
+        Err(stat) => {
+            count(stat, 1);
+            if stat.is_drop() {
+                TC_ACT_SHOT
+            } else {
+                TC_ACT_OK
+            }
+        }
     }
 }
 
-/// `Err` carries the counter that says why the packet is passed on untouched.
-fn try_flannel_encap(ctx: &TcContext) -> Result<i32, Stat> {
-    count(ctx, Stat::EncapPackets);
-    let daddr = ipv4_daddr(ctx).ok_or(Stat::EncapNotIpv4)?;
-    let key = VtepKey::host(daddr);
-    let _vtep = FLANNEL_VTEPS
-        .get(&Key::new(key.prefix_len, key.addr))
-        .ok_or(Stat::EncapVtepMiss)?;
-    count(ctx, Stat::EncapVtepHit);
-    // Setting the tunnel key and redirecting to the VXLAN device is the full datapath's
-    // job; until it lands the kernel's flannel.<VNI> route encapsulates the packet.
-    Ok(TC_ACT_OK)
-}
-
-fn try_flannel_decap(ctx: &TcContext) -> Result<i32, Stat> {
-    count(ctx, Stat::DecapPackets);
-    Ok(TC_ACT_OK)
-}
-
-/// Counts `reason` and lets the packet continue through the stack.
+/// The VTEP for an IPv4 destination (network byte order), by longest prefix.
 #[inline(always)]
-fn pass(ctx: &TcContext, reason: Stat) -> i32 {
-    count(ctx, reason);
-    TC_ACT_OK
+fn lookup_vtep(daddr: [u8; 4]) -> Option<RemoteVtep> {
+    FLANNEL_VTEPS.get(&Key::new(32, daddr)).copied()
 }
 
-/// The IPv4 destination address of the frame, in network byte order, or `None` if the frame
-/// is not IPv4 or too short to hold an IPv4 header.
+/// Whether `addr` is the VTEP address of a node with a lease.
 #[inline(always)]
-fn ipv4_daddr(ctx: &TcContext) -> Option<u32> {
-    let ethertype = u16::from_be(ctx.load::<u16>(ETH_TYPE_OFFSET).ok()?);
-    if ethertype != ETH_P_IP {
-        return None;
-    }
-    // bpf_skb_load_bytes copies the bytes as they are on the wire, which is the byte order
-    // the LPM trie compares in.
-    ctx.load::<u32>(IPV4_DADDR_OFFSET).ok()
+fn is_known_vtep(addr: [u8; 4]) -> bool {
+    FLANNEL_VTEP_ADDRS.get_ptr(addr).is_some()
 }
 
-/// Adds one to this CPU's slot of `stat`.
+/// Adds `n` to this CPU's slot of `stat`.
 #[inline(always)]
-fn count(ctx: &TcContext, stat: Stat) {
-    match FLANNEL_STATS.get_ptr_mut(stat.index()) {
+fn count(stat: Stat, n: u64) {
+    if let Some(slot) = FLANNEL_STATS.get_ptr_mut(stat.index()) {
         // SAFETY: the pointer is this CPU's slot of a per-CPU array, and a BPF program runs
         // with migration disabled, so no other CPU writes it; a program nested on the same
-        // CPU could at worst lose one count, which is fine for statistics.
-        Some(slot) => unsafe { *slot += 1 },
-        // Unreachable while Stat::COUNT sizes the map; logged because it means the object
-        // and flannel-common disagree.
-        None => error!(ctx, "FLANNEL_STATS has no slot {}", stat.index()),
+        // CPU could at worst lose one count, which is fine for statistics. The lookup cannot
+        // miss while Stat::COUNT sizes the map.
+        unsafe { *slot += n }
     }
 }
 
@@ -122,7 +152,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// GPL-compatible, so the kernel lets the programs call GPL-only helpers (aya-log's output).
+/// GPL-compatible, so the kernel lets the programs call GPL-only helpers (`bpf_fib_lookup`).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -378,7 +378,7 @@ impl Drop for CuttableProxy {
 fn config_error_field(e: &SubnetError) -> Option<&'static str> {
     match e {
         SubnetError::Config {
-            source: ConfigError::Field { field, .. } | ConfigError::Rule { field, .. },
+            error: ConfigError::Field { field, .. } | ConfigError::Rule { field, .. },
             ..
         } => Some(field),
         _ => None,
@@ -425,7 +425,7 @@ async fn network_config_missing_invalid_and_valid() -> anyhow::Result<()> {
     assert!(matches!(
         mgr.network_config().await,
         Err(SubnetError::Config {
-            source: ConfigError::Json(_),
+            error: ConfigError::Json(_),
             ..
         })
     ));

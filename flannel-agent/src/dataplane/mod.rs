@@ -1,17 +1,57 @@
-//! The eBPF datapath: the one module of the agent that uses aya.
+//! The eBPF VXLAN datapath: the one module of the agent that uses aya.
 //!
-//! build.rs builds `flannel-ebpf` and this module embeds the object. For now it can load the
-//! object and report the maps and programs in it, checked against the names in
-//! `flannel-common`; attaching the classifiers and filling `FLANNEL_VTEPS` from the leases
-//! come with the full datapath.
+//! build.rs builds `flannel-ebpf` and this module embeds the object. [`Datapath::load`] loads
+//! it with this node's configuration, pins its maps under `<pin-dir>/v1/` (reused by the next
+//! agent), and attaches `flannel_encap` to the egress of `flannel.<VNI>` and `flannel_decap`
+//! to the ingress of the underlay device, adopting the attachments of an earlier agent
+//! without a gap. The attachments outlive the agent; [`detach_all`] removes them.
+//!
+//! The kernel's `flannel.<VNI>`, with the neighbour and FDB entries and routes upstream
+//! flannel programs, stays the datapath of record: everything the programs do not handle,
+//! including any destination missing from the maps, goes through it. The vxlan backend
+//! therefore programs the kernel first and the maps second, and removes in the other order:
+//!
+//! ```text
+//! add peer:    neighbour, FDB entry, route  ->  Datapath::upsert_vtep
+//! remove peer: Datapath::remove_vtep        ->  route, FDB entry, neighbour
+//! ```
 
+mod attach;
+mod bpffs;
+mod config;
+mod maps;
+mod probe;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    error::Error,
+    fs, io,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
 
-use aya::{Ebpf, EbpfError};
-use flannel_common::{MAP_NAMES, PROGRAM_NAMES};
+use aya::{
+    maps::{MapData, MapError, MapInfo, MapType, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TcAttachType},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use flannel_common::{
+    DatapathConfig as ProgramConfig, RemoteVtep, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, GLOBAL_CONFIG, MAP_NAMES,
+    MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, PIN_SUBDIR, PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, VTEPS_MAX_ENTRIES,
+    VTEP_ADDRS_MAX_ENTRIES,
+};
+use ipnet::Ipv4Net;
+use tracing::info;
+
+pub use attach::{AttachMode, NL_HANDLE, NL_PRIORITY};
+#[cfg(test)]
+use config::parse_port_range;
+use config::{default_ttl, ifindex, local_port_range};
+pub use config::{DatapathConfig, GsoDecap};
+pub use maps::Counters;
+pub use probe::{probe, ProbeError, ProbeFeature, ProbeOptions, ProbeReport};
 
 /// The object built from flannel-ebpf by build.rs, aligned as aya's ELF parser requires.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel-ebpf.o"));
@@ -21,12 +61,62 @@ pub fn object_bytes() -> &'static [u8] {
     OBJECT
 }
 
-/// Errors of the eBPF datapath.
+/// Errors of the eBPF datapath; each says which operation failed on which object.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    /// A field of [`DatapathConfig`] is unusable.
+    #[error("invalid eBPF datapath configuration: {field} {detail}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A device named in the configuration does not exist (in this network namespace).
+    #[error("look up interface {name}")]
+    Interface {
+        /// The device name.
+        name: String,
+        /// The error of `if_nametoindex`.
+        #[source]
+        source: io::Error,
+    },
+    /// A file operation on the pin directory, mountinfo or a sysctl failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// The operation (`read`, `create directory`, ...).
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// bpffs could not be mounted where the pins go.
+    #[error("mount bpffs on {} (needed to pin the datapath's maps and links)", path.display())]
+    MountBpffs {
+        /// The mount point.
+        path: PathBuf,
+        /// The error of mount(2).
+        #[source]
+        source: io::Error,
+    },
+    /// A pinned map was made by a flannel-rs with another layout of the same version.
+    #[error(
+        "the pinned map {} does not match this flanneld ({detail}); remove {} (the datapath \
+         uninstall, dataplane::detach_all, does) to start with fresh maps",
+        path.display(),
+        path.parent().unwrap_or(path).display()
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// What differs.
+        detail: String,
+    },
     /// The kernel refused the object (creating its maps needs root, or CAP_BPF).
-    #[error("loading the embedded eBPF object (flannel-ebpf) into the kernel failed; run flanneld as root")]
-    Load(#[source] EbpfError),
+    #[error("load the embedded eBPF object (flannel-ebpf) into the kernel; run flanneld as root")]
+    Load(#[source] Box<EbpfError>),
     /// The embedded object lacks maps or programs that flannel-common names: flannel-ebpf and
     /// flannel-common disagree, which a rebuild of the agent should fix.
     #[error("the embedded eBPF object lacks {missing:?}, which flannel-common names; rebuild flanneld")]
@@ -34,12 +124,413 @@ pub enum DataplaneError {
         /// The names from flannel-common that the object does not have.
         missing: Vec<&'static str>,
     },
+    /// Loading (verifying) a program failed.
+    #[error("load {program} into the kernel")]
+    Program {
+        /// The program.
+        program: &'static str,
+        /// aya's error, with the verifier log.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// Attaching a program failed.
+    #[error("attach {program} to {hook}")]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// "egress of flannel.1".
+        hook: String,
+        /// The error of aya or the kernel.
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    /// Detaching a program failed.
+    #[error("detach {program} from {hook}")]
+    Detach {
+        /// The program.
+        program: &'static str,
+        /// "egress of flannel.1".
+        hook: String,
+        /// The error of aya or the kernel.
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    /// A map operation failed.
+    #[error("{op} {object} in {map}")]
+    Map {
+        /// The operation (`insert`, `remove`, `read`).
+        op: &'static str,
+        /// The map.
+        map: &'static str,
+        /// The entry or aspect operated on.
+        object: String,
+        /// aya's error.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// The kernel cannot run the datapath.
+    #[error("the kernel cannot run the eBPF datapath")]
+    Probe(#[source] ProbeError),
+}
+
+/// The loaded and attached datapath. Dropping it leaves everything attached and pinned.
+pub struct Datapath {
+    /// The object: its programs (the maps are taken out into the fields below).
+    ebpf: Ebpf,
+    /// `FLANNEL_VTEPS` and `FLANNEL_VTEP_ADDRS`.
+    vteps: maps::VtepTable,
+    /// `FLANNEL_STATS`.
+    stats: PerCpuArray<MapData, u64>,
+    /// `<pin-dir>/v1`.
+    dir: PathBuf,
+    /// The configuration the programs were loaded with.
+    program_config: ProgramConfig,
+    /// The attach mode in use (resolved).
+    mode: AttachMode,
+    /// Whether `flannel_decap` is wanted at all.
+    decap: bool,
+    /// The decap hook while it waits for the first [`Datapath::sync_vteps`].
+    pending_decap: Option<attach::Hook>,
+    /// What the probe found.
+    probe: ProbeReport,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("dir", &self.dir)
+            .field("mode", &self.mode)
+            .field("decap_attached", &self.decap_attached())
+            .field("gso_decap", &self.gso_decap())
+            .field("vteps", &self.vteps.entries().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads and attaches the datapath; see the module docs. Runs in the calling thread's
+    /// network namespace.
+    ///
+    /// `flannel_decap` drops VXLAN from unknown VTEPs, so on a first start (no pinned VTEPs)
+    /// it is attached only by the first [`Datapath::sync_vteps`], once the peers are known;
+    /// until then the kernel decapsulates. After a restart the pinned VTEPs are known and it
+    /// is attached (replaced) right away.
+    pub fn load(config: &DatapathConfig, pin_dir: &Path) -> Result<Self, DataplaneError> {
+        config.validate()?;
+        let probe = probe(&ProbeOptions::default()).map_err(DataplaneError::Probe)?;
+        let vxlan_ifindex = ifindex(&config.vxlan_dev)?;
+        let uplink_ifindex = ifindex(&config.uplink_dev)?;
+        let (src_port_min, src_port_max) = match config.src_port_range {
+            Some(range) => range,
+            None => local_port_range()?,
+        };
+        let gso = match config.gso_decap {
+            GsoDecap::Auto => probe.decap_l4_udp,
+            GsoDecap::Force => true,
+            GsoDecap::Off => false,
+        };
+        let program_config = ProgramConfig {
+            vtep_ip: config.vtep_ip.octets(),
+            vni: config.vni,
+            vxlan_ifindex,
+            uplink_ifindex,
+            flags: if gso { CFG_F_DECAP_GSO } else { 0 } | if probe.decap_l4_udp { CFG_F_DECAP_L4_UDP } else { 0 },
+            vtep_mac: config.vtep_mac,
+            port: config.port,
+            src_port_min,
+            src_port_max,
+            ttl: default_ttl()?,
+            _pad: [0; 3],
+        };
+
+        bpffs::ensure(pin_dir)?;
+        let dir = pin_dir.join(PIN_SUBDIR);
+        fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+            op: "create directory",
+            path: dir.clone(),
+            source,
+        })?;
+        check_pinned_maps(&dir)?;
+
+        let mut loader = EbpfLoader::new();
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let mut ebpf = loader
+            .override_global(GLOBAL_CONFIG, &program_config, true)
+            .load(object_bytes())
+            .map_err(|err| DataplaneError::Load(Box::new(err)))?;
+        let missing = contents(&ebpf).missing();
+        if !missing.is_empty() {
+            return Err(DataplaneError::MissingNames { missing });
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::MissingNames { missing: vec![name] })
+        };
+        let vteps = maps::VtepTable::new(take(&mut ebpf, MAP_VTEPS)?, take(&mut ebpf, MAP_VTEP_ADDRS)?)?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?).map_err(|source| DataplaneError::Map {
+            op: "open",
+            map: MAP_STATS,
+            object: "as a per-CPU array".into(),
+            source: Box::new(source),
+        })?;
+        let mode = config.attach.resolve();
+
+        let encap = attach::Hook::new(PROG_ENCAP, &config.vxlan_dev, TcAttachType::Egress, &dir);
+        attach::attach(program(&mut ebpf, PROG_ENCAP)?, &encap, mode)?;
+        let decap = attach::Hook::new(PROG_DECAP, &config.uplink_dev, TcAttachType::Ingress, &dir);
+        program(&mut ebpf, PROG_DECAP)?;
+        let mut pending_decap = None;
+        if !config.decap {
+            attach::detach(&decap)?;
+        } else if vteps.entries().is_empty() {
+            pending_decap = Some(decap);
+        } else {
+            attach::attach(program(&mut ebpf, PROG_DECAP)?, &decap, mode)?;
+        }
+        info!(
+            pin_dir = %dir.display(),
+            ?mode,
+            gso_decap = gso,
+            decap = config.decap,
+            decap_waits_for_peers = pending_decap.is_some(),
+            vteps = vteps.entries().len(),
+            "eBPF datapath attached"
+        );
+        Ok(Self {
+            ebpf,
+            vteps,
+            stats,
+            dir,
+            program_config,
+            mode,
+            decap: config.decap,
+            pending_decap,
+            probe,
+        })
+    }
+
+    /// Sets the VTEP that serves `subnet` (a remote node's lease).
+    pub fn upsert_vtep(&mut self, subnet: Ipv4Net, vtep: RemoteVtep) -> Result<(), DataplaneError> {
+        self.vteps.upsert(subnet, vtep)
+    }
+
+    /// Removes the VTEP of `subnet`; `false` if there was none.
+    pub fn remove_vtep(&mut self, subnet: Ipv4Net) -> Result<bool, DataplaneError> {
+        self.vteps.remove(subnet)
+    }
+
+    /// Makes the maps hold exactly `desired` (call it with the complete peer set), and
+    /// attaches `flannel_decap` if it waited for the peers. Returns how many entries changed.
+    pub fn sync_vteps(&mut self, desired: &BTreeMap<Ipv4Net, RemoteVtep>) -> Result<usize, DataplaneError> {
+        let desired: BTreeMap<Ipv4Net, RemoteVtep> = desired.iter().map(|(net, vtep)| (net.trunc(), *vtep)).collect();
+        let stale: Vec<Ipv4Net> = self
+            .vteps
+            .entries()
+            .keys()
+            .filter(|net| !desired.contains_key(net))
+            .copied()
+            .collect();
+        let mut changed = 0;
+        for (net, vtep) in &desired {
+            if self.vteps.entries().get(net) != Some(vtep) {
+                self.vteps.upsert(*net, *vtep)?;
+                changed += 1;
+            }
+        }
+        for net in stale {
+            self.vteps.remove(net)?;
+            changed += 1;
+        }
+        if let Some(hook) = self.pending_decap.take() {
+            let prog = program(&mut self.ebpf, PROG_DECAP)?;
+            if let Err(err) = attach::attach(prog, &hook, self.mode) {
+                self.pending_decap = Some(hook);
+                return Err(err);
+            }
+            info!(hook = %hook.describe(), "flannel_decap attached now that the peers are known");
+        }
+        Ok(changed)
+    }
+
+    /// The remote VTEPs as the kernel has them (for reconcile diffing and `flannelctl peers`).
+    pub fn vteps(&self) -> Result<Vec<(Ipv4Net, RemoteVtep)>, DataplaneError> {
+        self.vteps.read()
+    }
+
+    /// The datapath counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        maps::read_counters(&self.stats)
+    }
+
+    /// Whether `flannel_decap` is attached (it waits for the first [`Datapath::sync_vteps`]
+    /// on a first start, and is off when the configuration says so).
+    pub fn decap_attached(&self) -> bool {
+        self.decap && self.pending_decap.is_none()
+    }
+
+    /// The attach mode in use.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// `<pin-dir>/v1`, where the maps and links are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the probe found when loading.
+    pub fn probe_report(&self) -> &ProbeReport {
+        &self.probe
+    }
+
+    /// Whether GRO aggregates are decapsulated in BPF.
+    pub fn gso_decap(&self) -> bool {
+        self.program_config.flags & CFG_F_DECAP_GSO != 0
+    }
+}
+
+/// Detaches every flannel-rs program in the calling thread's network namespace (TCX links
+/// pinned under `pin_dir`, and `cls_bpf` filters running our programs on any device), then
+/// removes the pins. Traffic continues through the kernel's `flannel.<VNI>`. For uninstall.
+pub fn detach_all(pin_dir: &Path) -> Result<(), DataplaneError> {
+    let dir = pin_dir.join(PIN_SUBDIR);
+    let names = attach::interfaces().map_err(|source| DataplaneError::Io {
+        op: "list network interfaces for",
+        path: dir.clone(),
+        source,
+    })?;
+    for iface in names {
+        for (program, direction) in [(PROG_ENCAP, TcAttachType::Egress), (PROG_DECAP, TcAttachType::Ingress)] {
+            attach::detach(&attach::Hook::new(program, &iface, direction, &dir))?;
+        }
+    }
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(DataplaneError::Io {
+                op: "list",
+                path: dir,
+                source,
+            })
+        }
+    };
+    for entry in entries {
+        let entry = entry.map_err(|source| DataplaneError::Io {
+            op: "list",
+            path: dir.clone(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if attach::is_link_pin(&name) || MAP_NAMES.contains(&name.as_str()) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                op: "remove pin",
+                path,
+                source,
+            })?;
+        }
+    }
+    match fs::remove_dir(&dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Io {
+            op: "remove directory",
+            path: dir,
+            source,
+        }),
+    }
+}
+
+/// The counters from the pinned `FLANNEL_STATS` under `pin_dir`, for processes other than the
+/// agent (`flannelctl`).
+pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_STATS);
+    let stats = PerCpuArray::try_from(maps::open_pinned(&path, MAP_STATS)?).map_err(|source| DataplaneError::Map {
+        op: "open",
+        map: MAP_STATS,
+        object: "as a per-CPU array".into(),
+        source: Box::new(source),
+    })?;
+    maps::read_counters(&stats)
+}
+
+/// The remote VTEPs from the pinned `FLANNEL_VTEPS` under `pin_dir` (`flannelctl peers`).
+pub fn pinned_vteps(pin_dir: &Path) -> Result<Vec<(Ipv4Net, RemoteVtep)>, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_VTEPS);
+    maps::read_pinned_vteps(maps::open_pinned(&path, MAP_VTEPS)?)
+}
+
+/// A loaded object's program, loaded into the kernel (verified) if it is not yet.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingNames { missing: vec![name] })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source: Box::new(source),
+        })?;
+    if program.fd().is_err() {
+        program.load().map_err(|source| DataplaneError::Program {
+            program: name,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(program)
+}
+
+/// The expected type, key size, value size and capacity of each pinned map.
+const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 3] = [
+    (MAP_VTEPS, MapType::LpmTrie, 8, 12, VTEPS_MAX_ENTRIES),
+    (MAP_VTEP_ADDRS, MapType::Hash, 4, 4, VTEP_ADDRS_MAX_ENTRIES),
+    (MAP_STATS, MapType::PerCpuArray, 4, 8, Stat::COUNT),
+];
+
+// The sizes above are those of the types the maps hold.
+const _: () = {
+    assert!(size_of::<flannel_common::VtepKey>() == 8);
+    assert!(size_of::<RemoteVtep>() == 12);
+};
+
+/// Fails if a map pinned in `dir` does not have the layout this build expects: aya would
+/// reuse it without checking (`MapData::create_pinned_by_name`), and the programs would then
+/// read garbage.
+fn check_pinned_maps(dir: &Path) -> Result<(), DataplaneError> {
+    for (name, map_type, key_size, value_size, max_entries) in PINNED_LAYOUT {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map {
+            op: "inspect pinned",
+            map: name,
+            object: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let want = (Some(map_type), key_size, value_size, max_entries);
+        if found != want {
+            return Err(DataplaneError::IncompatiblePin {
+                path,
+                detail: format!("found (type, key, value, capacity) = {found:?}, this build uses {want:?}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The maps and programs an eBPF object contains, by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectContents {
-    /// Map names, including aya-log's maps (`AYA_LOGS`, ...).
+    /// Map names, including sections such as `.rodata`.
     pub maps: BTreeSet<String>,
     /// Program names (the names of the entry-point functions).
     pub programs: BTreeSet<String>,
@@ -62,24 +553,7 @@ impl ObjectContents {
     }
 }
 
-/// Loads the embedded object: the kernel creates its maps; programs are only parsed, each is
-/// loaded when it is attached. Needs root (or CAP_BPF).
-fn load() -> Result<Ebpf, DataplaneError> {
-    Ebpf::load(object_bytes()).map_err(DataplaneError::Load)
-}
-
 /// The names of the maps and programs of a loaded object.
 fn contents(ebpf: &Ebpf) -> ObjectContents {
     ObjectContents::new(ebpf.maps().map(|(name, _)| name), ebpf.programs().map(|(name, _)| name))
-}
-
-/// Loads the embedded object, returns what it contains, and fails if anything flannel-common
-/// names is missing. The maps are freed again when this returns.
-pub fn load_and_list() -> Result<ObjectContents, DataplaneError> {
-    let contents = contents(&load()?);
-    let missing = contents.missing();
-    if !missing.is_empty() {
-        return Err(DataplaneError::MissingNames { missing });
-    }
-    Ok(contents)
 }

@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod etcd;
 pub mod key;
+pub mod kube;
 pub mod lease;
 pub mod memory;
 pub mod validate;
@@ -37,6 +38,35 @@ pub struct PreviousSubnets {
     pub v6: Option<Ipv6Net>,
 }
 
+/// What this node published in the store before, read back at start-up so a
+/// restart keeps it (upstream's `GetStoredMacAddresses` and `GetStoredPublicIP`).
+/// Every field is `None` when the store has nothing, or when reading it failed:
+/// this is a hint, never a reason to stop.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredNode {
+    /// The stored IPv4 backend data (vxlan: `{"VNI":1,"VtepMAC":"..."}`).
+    pub backend_data: Option<serde_json::Value>,
+    /// The stored IPv6 backend data.
+    pub backend_v6_data: Option<serde_json::Value>,
+    /// An operator-set address that replaces `--public-ip` (kube: `node-public-ip`).
+    pub public_ip: Option<Ipv4Addr>,
+    /// An operator-set address that replaces `--public-ipv6` (kube: `node-public-ipv6`).
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+}
+
+impl StoredNode {
+    /// The VTEP MAC of the stored IPv4 backend data, for the vxlan device to reuse so
+    /// that peers' FDB and neighbour entries stay valid across a restart.
+    pub fn vtep_mac(&self) -> Option<&str> {
+        self.backend_data.as_ref()?.get("VtepMAC")?.as_str()
+    }
+
+    /// The VTEP MAC of the stored IPv6 backend data.
+    pub fn vtep_v6_mac(&self) -> Option<&str> {
+        self.backend_v6_data.as_ref()?.get("VtepMAC")?.as_str()
+    }
+}
+
 /// A failure of the subnet manager. Variants say what failed on which object.
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetError {
@@ -57,13 +87,12 @@ pub enum SubnetError {
         key: String,
     },
     /// The network config is present but invalid.
-    #[error("invalid network config at {location}: {source}")]
+    #[error("invalid network config at {location}: {error}")]
     Config {
         /// The key or file it came from.
         location: String,
-        /// What is wrong with it.
-        #[source]
-        source: ConfigError,
+        /// What is wrong with it (shown in the message, so not also a `source`).
+        error: ConfigError,
     },
     /// No free subnet is left in `SubnetMin..SubnetMax`.
     #[error("out of subnets: every /{len} between {min} and {max} is leased; widen SubnetMin/SubnetMax or remove stale leases")]
@@ -100,6 +129,13 @@ pub trait SubnetManager: Send + Sync {
         attrs: &LeaseAttrs,
         previous: PreviousSubnets,
     ) -> Result<Lease, SubnetError>;
+
+    /// What this node stored before (its VTEP MACs, an operator-set public IP),
+    /// read before the backend is prepared. Stores that keep nothing of the kind
+    /// answer [`StoredNode::default`].
+    async fn stored_node(&self) -> StoredNode {
+        StoredNode::default()
+    }
 
     /// Keeps `own` alive and publishes the validated peers on `peers` until
     /// `shutdown` fires. Store outages are retried inside; the last published

@@ -567,7 +567,7 @@ impl SubnetManager for EtcdSubnetManager {
             .first()
             .ok_or_else(|| SubnetError::ConfigMissing { key: key.clone() })?;
         let text = String::from_utf8_lossy(kv.value());
-        NetworkConfig::parse_and_check(&text).map_err(|source| SubnetError::Config { location: key, source })
+        NetworkConfig::parse_and_check(&text).map_err(|error| SubnetError::Config { location: key, error })
     }
 
     async fn acquire_lease(

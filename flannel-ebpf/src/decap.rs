@@ -1,0 +1,146 @@
+//! `flannel_decap`: what the IPv4 and UDP receive paths plus the vxlan driver's receive path
+//! (`vxlan_rcv`, drivers/net/vxlan/vxlan_core.c) do for VXLAN addressed to this node's
+//! `flannel.<VNI>`: strip the outer headers and deliver the inner frame on the device.
+//!
+//! Delivery is `bpf_redirect(flannel.<VNI>, BPF_F_INGRESS)`, so the inner packet enters the
+//! stack on `flannel.<VNI>` as before: netfilter sees `-i flannel.<VNI>`, and reverse-path
+//! filtering finds the route back through the same device. The inner Ethernet header is the
+//! one the peer sent, so `eth_type_trans` classifies it as the driver's receive path would.
+//!
+//! The rule for everything unusual is: if the kernel might treat it differently from the
+//! common case, leave it to the kernel (`TC_ACT_OK`), which then behaves exactly as upstream.
+//! The one deliberate difference is that VXLAN from an address that is no known VTEP is
+//! dropped.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS,
+    },
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use flannel_common::{wire::ECN_CE, DatapathConfig, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP};
+
+use crate::{
+    count,
+    headers::{
+        ipv4_checksum, OuterHdrs, VxlanPayloadHdrs, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
+        IP_FRAG_MASK, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
+    },
+    is_known_vtep,
+};
+
+/// `bpf_skb_adjust_room` mode: remove the bytes right after the (outer) Ethernet header.
+pub const MODE: u32 = BPF_ADJ_ROOM_MAC;
+/// `bpf_skb_adjust_room` flags for the decapsulation (net/core/filter.c,
+/// `bpf_skb_net_shrink`): `FIXED_GSO` keeps `gso_size`, which for a GRO aggregate is the
+/// inner MSS already (without it the kernel would grow it by 50 and `tcp_gso_segment` would
+/// then drop the packet); `DECAP_L3_IPV4` states the inner L3 protocol (IPv4 in IPv4: it
+/// changes nothing but documents the intent and is checked by the kernel).
+pub const FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (bpf-next, 2026; not in our bindings nor in 6.18): also clear
+/// `skb->encapsulation` and the UDP-tunnel GSO bits, as `iptunnel_pull_offloads` does.
+pub const F_DECAP_L4_UDP: u64 = 1 << 10;
+
+/// Smallest frame `flannel_decap` can decapsulate: outer Ethernet, IPv4, UDP, VXLAN, inner
+/// Ethernet and inner IPv4 headers.
+const MIN_VXLAN_FRAME: u32 = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
+
+/// Decapsulates a VXLAN packet for this VTEP into `flannel.<VNI>`, or says why it is passed
+/// on or dropped.
+#[inline(always)]
+pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
+    if cfg.vxlan_ifindex == 0 {
+        // Loaded without a configuration (DatapathConfig::ZERO): do nothing.
+        return Err(Stat::DecapPassNotVxlan);
+    }
+    let outer: OuterHdrs = ctx.load(0).map_err(|_| Stat::DecapPassNotVxlan)?;
+    if !is_vxlan_for_us(&outer, cfg) {
+        return Err(Stat::DecapPassNotVxlan);
+    }
+    let frame_len = ctx.len();
+    if frame_len < MIN_VXLAN_FRAME {
+        // The driver would drop it too (vxlan_rcv cannot pull its headers).
+        return Err(Stat::DecapDropMalformed);
+    }
+    let inner: VxlanPayloadHdrs = ctx
+        .load((ETH_HLEN + IPV4_HLEN + UDP_HLEN) as usize)
+        .map_err(|_| Stat::DecapDropMalformed)?;
+    let vni = cfg.vni.to_be_bytes();
+    if inner.vxlan.vni != [vni[1], vni[2], vni[3], 0] {
+        // Another VNI on the same port: a vxlan device other than ours shares the socket.
+        return Err(Stat::DecapPassNotVxlan);
+    }
+    if !is_known_vtep(outer.ip.saddr) {
+        return Err(Stat::DecapDropUnknownVtep);
+    }
+    if !is_common_case(ctx, cfg, &outer, &inner, frame_len) {
+        return Err(Stat::DecapPassKernel);
+    }
+
+    let flags = if cfg.flags & CFG_F_DECAP_L4_UDP != 0 {
+        FLAGS | F_DECAP_L4_UDP
+    } else {
+        FLAGS
+    };
+    ctx.adjust_room(-(ADJUST_LEN as i32), MODE, flags)
+        .map_err(|_| Stat::DecapPassKernel)?;
+    // MAC mode removed the 50 bytes after the outer Ethernet header, i.e. the outer IPv4, UDP
+    // and VXLAN headers and the inner Ethernet header: put the inner one where the outer was.
+    if ctx.store(0, &inner.inner_eth, 0).is_err() {
+        return Err(Stat::DecapDropWriteFailed);
+    }
+    count(Stat::DecapPackets, 1);
+    count(Stat::DecapBytes, u64::from(ctx.len()));
+    // SAFETY: the helper has no memory arguments.
+    Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+}
+
+/// UDP over IPv4 without options, not a fragment, to our VTEP address and VXLAN port: what
+/// the kernel would hand to the vxlan socket of `flannel.<VNI>`.
+#[inline(always)]
+fn is_vxlan_for_us(outer: &OuterHdrs, cfg: &DatapathConfig) -> bool {
+    outer.eth.proto == ETH_P_IP
+        && outer.ip.version_ihl == 0x45
+        && outer.ip.protocol == IPPROTO_UDP
+        && outer.ip.daddr == cfg.vtep_ip
+        && u16::from_be_bytes(outer.ip.frag_off) & IP_FRAG_MASK == 0
+        && outer.udp.dest == cfg.port.to_be_bytes()
+}
+
+/// The checks the kernel's receive path would make and the cases it treats specially; `false`
+/// sends the packet to the kernel, which then accepts, handles or drops it as upstream does.
+#[inline(always)]
+fn is_common_case(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    outer: &OuterHdrs,
+    inner: &VxlanPayloadHdrs,
+    frame_len: u32,
+) -> bool {
+    // SAFETY: reading a field of the context the kernel passed in; the verifier allows reading
+    // `gso_size` from TC programs.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let ip_len = u32::from(u16::from_be_bytes(outer.ip.tot_len));
+    let udp_len = u32::from(u16::from_be_bytes(outer.udp.len));
+    // ip_rcv_core: the header checksum and the lengths (a longer frame is trimmed there, which
+    // the kernel does better than we would).
+    ipv4_checksum(&outer.ip) == [0, 0]
+        && ip_len == frame_len - ETH_HLEN
+        && udp_len == ip_len - IPV4_HLEN
+        // A UDP checksum would have to be verified (flannel.<VNI> is `noudpcsum`, so upstream
+        // peers send none).
+        && outer.udp.check == [0, 0]
+        // vxlan_rcv: only the I flag (no GBP, GPE, remote checksum offload, ...).
+        && inner.vxlan.flags == VXLAN_FLAGS_I
+        // ECN decapsulation (INET_ECN_decapsulate) may mark the inner packet CE, or drop it.
+        && outer.ip.tos & ECN_CE != ECN_CE
+        // An inner IPv4 frame for our device, not one that our own MAC sent (the driver drops
+        // those as looped back).
+        && inner.inner_eth.proto == ETH_P_IP
+        && inner.inner_version_ihl >> 4 == 4
+        && inner.inner_eth.dst == cfg.vtep_mac
+        && inner.inner_eth.src != cfg.vtep_mac
+        // GRO aggregates: see CFG_F_DECAP_GSO.
+        && (gso_size == 0 || cfg.flags & CFG_F_DECAP_GSO != 0)
+}
