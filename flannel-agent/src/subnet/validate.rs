@@ -77,8 +77,8 @@ impl LeaseValidator {
         // Oldest first, so an overlap is always won by the lease that was there first.
         sorted.sort_by(|a, b| (a.age, &a.name).cmp(&(b.age, &b.name)));
         let mut out: BTreeMap<String, Lease> = BTreeMap::new();
-        let mut taken_v4: Vec<(Ipv4Net, String)> = Vec::new();
-        let mut taken_v6: Vec<(Ipv6Net, String)> = Vec::new();
+        let mut taken_v4 = Taken::default();
+        let mut taken_v6 = Taken::default();
         let mut seen = HashMap::new();
         for c in sorted {
             seen.insert(c.name.clone(), ());
@@ -97,10 +97,14 @@ impl LeaseValidator {
                 continue;
             }
             if let Some(v4) = lease.subnet {
-                taken_v4.push((v4, c.name.clone()));
+                taken_v4.insert(
+                    u32::from(v4.network()).into(),
+                    u32::from(v4.broadcast()).into(),
+                    &c.name,
+                );
             }
             if let Some(v6) = lease.ipv6_subnet {
-                taken_v6.push((v6, c.name.clone()));
+                taken_v6.insert(u128::from(v6.network()), u128::from(v6.broadcast()), &c.name);
             }
             out.insert(c.name.clone(), lease.clone());
         }
@@ -115,12 +119,7 @@ impl LeaseValidator {
             .is_some_and(|o| o.subnet == lease.subnet && o.ipv6_subnet == lease.ipv6_subnet)
     }
 
-    fn check(
-        &self,
-        lease: &Lease,
-        taken_v4: &[(Ipv4Net, String)],
-        taken_v6: &[(Ipv6Net, String)],
-    ) -> Result<(), (Rejection, String)> {
+    fn check(&self, lease: &Lease, taken_v4: &Taken, taken_v6: &Taken) -> Result<(), (Rejection, String)> {
         if lease.subnet.is_none() && lease.ipv6_subnet.is_none() {
             return Err((Rejection::BadKey, "no subnet".into()));
         }
@@ -135,10 +134,10 @@ impl LeaseValidator {
             if let Some(o) = own.and_then(|o| o.subnet).filter(|o| overlaps4(o, &sn)) {
                 return Err((Rejection::OverlapsOwn, format!("{sn} overlaps this node's subnet {o}")));
             }
-            if let Some((n, who)) = taken_v4.iter().find(|(n, _)| overlaps4(n, &sn)) {
+            if let Some(who) = taken_v4.overlapping(u32::from(sn.network()).into(), u32::from(sn.broadcast()).into()) {
                 return Err((
                     Rejection::OverlapsPeer,
-                    format!("{sn} overlaps {n} of {who}, which is older"),
+                    format!("{sn} overlaps the subnet of {who}, which is older"),
                 ));
             }
             if self.network.is_some() {
@@ -156,10 +155,10 @@ impl LeaseValidator {
             if let Some(o) = own.and_then(|o| o.ipv6_subnet).filter(|o| overlaps6(o, &sn)) {
                 return Err((Rejection::OverlapsOwn, format!("{sn} overlaps this node's subnet {o}")));
             }
-            if let Some((n, who)) = taken_v6.iter().find(|(n, _)| overlaps6(n, &sn)) {
+            if let Some(who) = taken_v6.overlapping(u128::from(sn.network()), u128::from(sn.broadcast())) {
                 return Err((
                     Rejection::OverlapsPeer,
-                    format!("{sn} overlaps {n} of {who}, which is older"),
+                    format!("{sn} overlaps the subnet of {who}, which is older"),
                 ));
             }
             if self.ipv6_network.is_some() {
@@ -176,6 +175,27 @@ impl LeaseValidator {
         self.warned.insert(c.name.clone(), c.version);
         self.metrics.reject(why);
         tracing::warn!(lease = %c.name, reason = why.as_str(), detail, "ignoring lease from the store");
+    }
+}
+
+/// Address ranges already given to older leases, disjoint, keyed by their first
+/// address, so that an overlap check costs O(log n) and a full validation of n
+/// leases O(n log n) (a linear scan made 5,000 nodes cost 25 million checks).
+#[derive(Debug, Default)]
+struct Taken {
+    ranges: BTreeMap<u128, (u128, String)>,
+}
+
+impl Taken {
+    fn insert(&mut self, first: u128, last: u128, name: &str) {
+        self.ranges.insert(first, (last, name.to_owned()));
+    }
+
+    /// The owner of a range overlapping `first..=last`, if any. The ranges are
+    /// disjoint, so only the last one starting at or before `last` can overlap.
+    fn overlapping(&self, first: u128, last: u128) -> Option<&str> {
+        let (_, (end, name)) = self.ranges.range(..=last).next_back()?;
+        (*end >= first).then_some(name.as_str())
     }
 }
 
@@ -299,6 +319,26 @@ mod tests {
         // The same store contents again: nothing new is counted.
         v.validate(&cs);
         assert_eq!(m.rejected(Rejection::BadPublicIp), 3);
+    }
+
+    #[test]
+    fn ten_thousand_disjoint_leases_are_all_kept_and_a_wide_one_is_not() {
+        let m = Arc::new(Metrics::default());
+        let cfg = NetworkConfig::parse_and_check(r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let mut v = LeaseValidator::new(&cfg, None, m.clone());
+        let mut cs: Vec<Candidate> = (0..10_000u32)
+            .map(|i| {
+                let sn = format!("10.{}.{}.0/24", 1 + i / 256, i % 256);
+                let ip = format!("198.18.{}.{}", i / 250, 1 + i % 250);
+                cand(&format!("n{i}"), i64::from(i), lease(&sn, &ip))
+            })
+            .collect();
+        // Younger than all of them, and covering a few: refused whatever its position.
+        cs.insert(17, cand("wide", 20_000, lease("10.3.0.0/16", "198.19.0.1")));
+        let out = v.validate(&cs);
+        assert_eq!(out.len(), 10_000);
+        assert!(!out.contains_key("wide"));
+        assert_eq!(m.rejected(Rejection::OverlapsPeer), 1);
     }
 
     #[test]
