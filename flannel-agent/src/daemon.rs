@@ -95,9 +95,19 @@ pub async fn run(
     let Some(config) = fetch_config(sm.as_ref(), &shutdown).await? else {
         return Ok(());
     };
+    // What this node published before (kube: annotations): an operator-set public
+    // IP replaces the flag before the interface is chosen, as upstream; the VTEP
+    // MACs let a re-created device keep the MAC its peers know.
+    let stored = sm.stored_node().await;
     let mut sel = cfg.iface.clone();
     sel.ipv4 = config.enable_ipv4;
     sel.ipv6 = config.enable_ipv6;
+    if let Some(ip) = stored.public_ip {
+        sel.public_ip = Some(ip);
+    }
+    if let Some(ip) = stored.public_ipv6 {
+        sel.public_ipv6 = Some(ip);
+    }
     let nl = Netlink::new().map_err(|e| DaemonError::Iface(e.to_string()))?;
     let ext = nl
         .select_external_interface(&sel)
@@ -105,8 +115,10 @@ pub async fn run(
         .map_err(|e| DaemonError::Iface(e.to_string()))?;
     info!(iface = %ext.name, addr = ?ext.iface_addr, ext_addr = ?ext.ext_addr, mtu = ext.mtu, "using interface");
     let mut backend = make_backend(&config)?;
+    backend.use_stored(&stored);
     let info = backend.prepare(&ext, &config).await?;
     health.update(|s| s.backend = backend.name().into());
+    health.set_datapath(backend.status());
 
     let attrs = LeaseAttrs {
         public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -280,6 +292,7 @@ async fn reconcile_loop(
             match backend.reconcile(&set).await {
                 Ok(n) => {
                     health.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+                    health.set_datapath(backend.status());
                     backoff.reset();
                     retry_at = None;
                     let was_ready = health.status().ready;

@@ -1,6 +1,6 @@
 //! The healthz server (`--healthz-ip`, `--healthz-port`): upstream's `/healthz`
-//! and `/readyz`, plus `/metrics` (Prometheus text) and `/status` (JSON, read by
-//! `flannelctl`).
+//! and `/readyz`, plus `/metrics` (Prometheus text), `/status` and `/status/datapath`
+//! (JSON, read by `flannelctl`).
 //!
 //! Ready means what upstream means and a little more: the lease is held,
 //! `subnet.env` is written, the traffic rules are installed and the backend has
@@ -23,6 +23,8 @@ pub struct Health {
     /// Counters served on `/metrics`.
     pub metrics: Arc<Metrics>,
     status: Mutex<Status>,
+    /// The backend's own report (`Backend::status`), served on `/status/datapath`.
+    datapath: Mutex<serde_json::Value>,
 }
 
 /// The agent's state as `/status` shows it.
@@ -55,12 +57,23 @@ impl Health {
                 waiting_for: "start".into(),
                 ..Status::default()
             }),
+            datapath: Mutex::new(serde_json::Value::Null),
         }
     }
 
     /// Changes the status under the lock.
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Replaces the backend's report served on `/status/datapath`.
+    pub fn set_datapath(&self, report: serde_json::Value) {
+        *self.datapath.lock().unwrap_or_else(|p| p.into_inner()) = report;
+    }
+
+    /// A copy of the backend's report.
+    pub fn datapath(&self) -> serde_json::Value {
+        self.datapath.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A copy of the current status.
@@ -100,6 +113,10 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, shutd
         .route(
             "/status",
             any(|State(h): State<Arc<Health>>| async move { axum::Json(h.status()) }),
+        )
+        .route(
+            "/status/datapath",
+            any(|State(h): State<Arc<Health>>| async move { axum::Json(h.datapath()) }),
         )
         .with_state(health);
     if let Ok(addr) = listener.local_addr() {

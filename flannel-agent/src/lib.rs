@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backoff;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
 pub mod flags;

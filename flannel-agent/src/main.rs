@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use flannel_agent::backend::vxlan::EbpfSettings;
 use flannel_agent::backend::{self, none::NoneBackend, Backend, BackendError};
 use flannel_agent::config::NetworkConfig;
 use flannel_agent::daemon::{self, DaemonConfig};
@@ -129,7 +130,12 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             resync: Duration::from_secs(flags.iptables_resync.max(1)),
         },
     };
-    daemon::run(cfg, sm, &make_backend, health, shutdown).await?;
+    let ebpf = EbpfSettings {
+        pin_dir: Some(flags.bpf_pin_dir.clone()),
+        pretend_missing: pretend_missing()?,
+    };
+    let factory = move |config: &NetworkConfig| make_backend(config, &ebpf);
+    daemon::run(cfg, sm, &factory, health, shutdown).await?;
     Ok(())
 }
 
@@ -165,15 +171,33 @@ async fn connect_etcd(
     }
 }
 
+/// Test hook: `FLANNEL_EBPF_PRETEND_MISSING=<feature>` makes the eBPF probe report that
+/// feature missing (`bpf`, `helpers`, `adjust-room-encap`, `adjust-room-decap`), to exercise
+/// `Datapath: auto`'s fallback. Read here, once, with the rest of the configuration.
+fn pretend_missing() -> anyhow::Result<Option<flannel_agent::dataplane::ProbeFeature>> {
+    match std::env::var("FLANNEL_EBPF_PRETEND_MISSING") {
+        Ok(v) if !v.is_empty() => {
+            let feature = backend::vxlan::parse_probe_feature(&v)
+                .map_err(|e| anyhow::anyhow!("FLANNEL_EBPF_PRETEND_MISSING: {e}"))?;
+            warn!(feature = %feature, "test hook: the eBPF probe will report this feature missing");
+            Ok(Some(feature))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Builds the backend named by `Backend.Type`.
-fn make_backend(config: &NetworkConfig) -> Result<Box<dyn Backend>, BackendError> {
+fn make_backend(config: &NetworkConfig, ebpf: &EbpfSettings) -> Result<Box<dyn Backend>, BackendError> {
     let ty = config.backend_type.as_str();
     if let Some(why) = backend::unsupported_reason(ty) {
         return Err(BackendError::Unsupported(format!("backend type {ty:?} {why}")));
     }
     match ty {
         "none" => Ok(Box::new(NoneBackend::default())),
-        "vxlan" => Ok(Box::new(backend::vxlan::VxlanBackend::new(config)?)),
+        "vxlan" => Ok(Box::new(backend::vxlan::VxlanBackend::with_settings(
+            config,
+            ebpf.clone(),
+        )?)),
         "host-gw" => Ok(Box::new(backend::hostgw::HostGwBackend::new(config)?)),
         _ => Err(BackendError::Unsupported(format!(
             "unknown backend type: {ty:?}; this build supports \"vxlan\", \"host-gw\" and \"none\""

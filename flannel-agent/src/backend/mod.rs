@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::config::NetworkConfig;
 use crate::netlink::ExternalInterface;
-use crate::subnet::{Lease, PeerSet};
+use crate::subnet::{Lease, PeerSet, StoredNode};
 
 /// What a backend publishes in the lease, and the MTU pods get.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +74,16 @@ pub trait Backend: Send {
 
     /// Converges the datapath on `peers`; returns how many peers are programmed.
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<usize, BackendError>;
+
+    /// Hands over what this node stored before (e.g. its VTEP MACs), called once
+    /// before [`Backend::prepare`]; backends with nothing to reuse ignore it.
+    fn use_stored(&mut self, _stored: &StoredNode) {}
+
+    /// The datapath's state for `/status/datapath` and `flannelctl` (which datapath runs and
+    /// why, the peers as programmed); `null` for a backend with nothing to say.
+    fn status(&self) -> Value {
+        Value::Null
+    }
 }
 
 /// The backend types upstream has that flannel-rs does not implement, with why.

@@ -40,12 +40,14 @@ pub fn link_events() -> Result<mpsc::Receiver<LinkEvent>, NetlinkError> {
         let _keep = _handle;
         while let Some((msg, _)) = messages.next().await {
             let ev = match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                    LinkEvent { index: l.header.index, deleted: false }
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
-                    LinkEvent { index: l.header.index, deleted: true }
-                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => LinkEvent {
+                    index: l.header.index,
+                    deleted: false,
+                },
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => LinkEvent {
+                    index: l.header.index,
+                    deleted: true,
+                },
                 _ => continue,
             };
             match tx.try_send(ev) {

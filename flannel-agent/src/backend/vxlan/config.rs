@@ -31,6 +31,31 @@ pub struct VxlanOptions {
     pub mtu: u32,
     /// `DirectRouting`: route directly (no encapsulation) to peers on the same link.
     pub direct_routing: bool,
+    /// `Datapath` (flannel-rs addition): who encapsulates, the eBPF programs or the kernel.
+    pub datapath: DatapathMode,
+}
+
+/// The `Datapath` option: `"auto"` (default), `"ebpf"` or `"kernel"`, any case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DatapathMode {
+    /// eBPF where the kernel can run it (and GBP is off), else the kernel datapath.
+    #[default]
+    Auto,
+    /// The eBPF datapath, or a start-up error saying why it cannot run.
+    Ebpf,
+    /// The kernel's vxlan driver only, as upstream.
+    Kernel,
+}
+
+impl DatapathMode {
+    /// The option's value as written in net-conf.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ebpf => "ebpf",
+            Self::Kernel => "kernel",
+        }
+    }
 }
 
 impl Default for VxlanOptions {
@@ -42,7 +67,22 @@ impl Default for VxlanOptions {
             learning: false,
             mtu: 0,
             direct_routing: false,
+            datapath: DatapathMode::Auto,
         }
+    }
+}
+
+fn datapath(obj: &Map<String, Value>) -> Result<DatapathMode, BackendError> {
+    const EXPECTED: &str = r#"expected "auto", "ebpf" or "kernel""#;
+    match get_ci(obj, "Datapath") {
+        None | Some(Value::Null) => Ok(DatapathMode::Auto),
+        Some(v @ Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(DatapathMode::Auto),
+            "ebpf" => Ok(DatapathMode::Ebpf),
+            "kernel" => Ok(DatapathMode::Kernel),
+            _ => Err(opt_err("Datapath", v, EXPECTED)),
+        },
+        Some(v) => Err(opt_err("Datapath", v, EXPECTED)),
     }
 }
 
@@ -97,6 +137,7 @@ impl VxlanOptions {
             learning: flag(obj, "Learning")?,
             mtu,
             direct_routing: flag(obj, "DirectRouting")?,
+            datapath: datapath(obj)?,
         })
     }
 
@@ -183,12 +224,26 @@ mod tests {
                 gbp: true,
                 learning: true,
                 mtu: 9000,
-                direct_routing: true
+                direct_routing: true,
+                datapath: DatapathMode::Auto,
             }
         );
         assert_eq!(o.v4_name(), "flannel.42");
         // An exact-case key wins over a differently cased one, as in Go.
         assert_eq!(VxlanOptions::parse(&json!({"vni": 3, "VNI": 4})).unwrap().vni, 4);
+    }
+
+    #[test]
+    fn datapath_is_case_insensitive() {
+        for (value, mode) in [
+            ("auto", DatapathMode::Auto),
+            ("EBPF", DatapathMode::Ebpf),
+            ("eBPF", DatapathMode::Ebpf),
+            ("Kernel", DatapathMode::Kernel),
+        ] {
+            let o = VxlanOptions::parse(&json!({"datapath": value})).unwrap();
+            assert_eq!(o.datapath, mode, "{value}");
+        }
     }
 
     #[test]
@@ -202,6 +257,8 @@ mod tests {
             (json!({"GBP": "true"}), "GBP"),
             (json!({"Learning": 1}), "Learning"),
             (json!({"DirectRouting": "yes"}), "DirectRouting"),
+            (json!({"Datapath": "xdp"}), "Datapath"),
+            (json!({"Datapath": true}), "Datapath"),
             (json!({"MTU": 100}), "MTU"),
             (json!("vxlan"), "Backend"),
         ] {

@@ -15,6 +15,7 @@
 
 mod config;
 mod device;
+pub mod ebpf;
 #[cfg(test)]
 mod netns_gc_tests;
 #[cfg(test)]
@@ -29,8 +30,9 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use config::{backend_data, peer_vtep_mac, VxlanOptions, OVERHEAD};
+pub use config::{backend_data, peer_vtep_mac, DatapathMode, VxlanOptions, OVERHEAD};
 use device::Vtep;
+pub use ebpf::{parse_probe_feature, Choice, EbpfSettings, PeerView};
 use plan::FamilyCtx;
 use sync::{on_link_peers, sync_family, Tally};
 
@@ -60,11 +62,25 @@ pub struct VxlanBackend {
     warned: HashMap<(String, bool), String>,
     /// Peers of another backend type already logged.
     ignored: HashSet<String>,
+    /// `--bpf-pin-dir` and the test hook, from the command line.
+    settings: EbpfSettings,
+    /// The datapath chosen in `prepare`, and why.
+    choice: Option<Choice>,
+    /// The eBPF datapath, when chosen and loaded.
+    ebpf: Option<ebpf::Ebpf>,
+    /// The IPv4 peers of the last reconcile, for `/status/datapath`.
+    last_peers: Vec<PeerView>,
 }
 
 impl VxlanBackend {
-    /// Reads the options from `config.backend`; nothing touches the kernel yet.
+    /// Reads the options from `config.backend`; nothing touches the kernel yet. Without
+    /// [`EbpfSettings`] (no pin directory) only the kernel datapath is available.
     pub fn new(config: &NetworkConfig) -> Result<Self, BackendError> {
+        Self::with_settings(config, EbpfSettings::default())
+    }
+
+    /// [`Self::new`] with the command line's eBPF settings, as flanneld builds it.
+    pub fn with_settings(config: &NetworkConfig, settings: EbpfSettings) -> Result<Self, BackendError> {
         Ok(VxlanBackend {
             opts: VxlanOptions::parse(&config.backend)?,
             network: config.enable_ipv4.then_some(config.network).flatten().map(IpNet::V4),
@@ -79,6 +95,10 @@ impl VxlanBackend {
             own: None,
             warned: HashMap::new(),
             ignored: HashSet::new(),
+            settings,
+            choice: None,
+            ebpf: None,
+            last_peers: Vec::new(),
         })
     }
 
@@ -162,6 +182,9 @@ impl Backend for VxlanBackend {
             info.backend_v6_data = Some(backend_data(self.opts.vni, v.mac));
             self.v6 = Some(v);
         }
+        let (choice, ebpf) = ebpf::select(&self.opts, &self.settings, self.v4.as_ref(), ext)?;
+        self.choice = Some(choice);
+        self.ebpf = ebpf;
         self.nl = Some(nl);
         Ok(info)
     }
@@ -236,11 +259,43 @@ impl Backend for VxlanBackend {
             tally
                 .failed_peers
                 .extend(desired.skipped.iter().map(|(n, _)| n.clone()));
+            if v6 {
+                sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
+                continue;
+            }
+            // IPv4: the kernel's entries and the eBPF map, in the order that never leaves the
+            // programs a VTEP the kernel has no entries for (see the `ebpf` module).
+            let views = ebpf::peer_views(&desired, &leases, self.opts.vni);
+            if let Some(e) = self.ebpf.as_mut() {
+                tally.changes += e.remove_gone(&views, peers.complete)?;
+            }
             sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
+            if let Some(e) = self.ebpf.as_mut() {
+                tally.changes += e.apply(&views, &tally.failed_peers, peers.complete)?;
+            }
+            self.last_peers = views;
         }
         let keep: HashSet<&String> = peers.leases.keys().collect();
         self.warned.retain(|(name, _), _| keep.contains(name));
         tally.finish(leases.len())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let Some(choice) = &self.choice else {
+            return serde_json::Value::Null;
+        };
+        let mut status = serde_json::json!({
+            "datapath": if choice.ebpf { "ebpf" } else { "kernel" },
+            "requested": choice.requested.as_str(),
+            "reason": choice.reason,
+            "vxlan_dev": self.v4.as_ref().map(|v| v.name.clone()),
+            "vni": self.opts.vni,
+            "peers": self.last_peers,
+        });
+        if let (Some(e), Some(obj)) = (&self.ebpf, status.as_object_mut()) {
+            obj.insert("ebpf".into(), e.status());
+        }
+        status
     }
 }
 

@@ -40,7 +40,7 @@ pub(super) async fn on_link_peers(nl: &Netlink, leases: &BTreeMap<&String, &Leas
 /// Per-reconcile counts and failures across both families.
 #[derive(Default)]
 pub(super) struct Tally {
-    changes: usize,
+    pub(super) changes: usize,
     failed: Vec<(String, NetlinkError)>,
     /// Peers not fully programmed (a write failed, or their data is unusable).
     pub(super) failed_peers: HashSet<String>,

@@ -1,0 +1,403 @@
+//! The vxlan backend's eBPF datapath: choosing it (the `Datapath` option and the kernel
+//! probe), loading it, and keeping its maps equal to the leases.
+//!
+//! The kernel's `flannel.<VNI>` keeps every neighbour, FDB entry and route in eBPF mode too:
+//! the programs only replace the vxlan driver's transmit (and receive) for destinations in
+//! the maps, so detaching them (`flannelctl uninstall`) leaves a working network. Hence the
+//! order the dataplane module asks for: the kernel's entries first and the map second when a
+//! peer comes, the map first and the kernel's entries second when it goes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use flannel_common::{RemoteVtep, VTEP_F_DIRECT_ROUTING};
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::config::{peer_vtep_mac, DatapathMode, VxlanOptions};
+use super::device::Vtep;
+use super::plan::Desired;
+use crate::backend::BackendError;
+use crate::dataplane::{self, Datapath, DatapathConfig, DataplaneError, ProbeFeature, ProbeOptions};
+use crate::netlink::ExternalInterface;
+use crate::subnet::Lease;
+
+/// The kernel's default VXLAN port, which flannel's `Port: 0` means.
+const DEFAULT_PORT: u16 = 8472;
+
+/// What the agent's command line (not net-conf) says about the eBPF datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EbpfSettings {
+    /// `--bpf-pin-dir`; `None` (tests that build the backend directly) rules eBPF out.
+    pub pin_dir: Option<PathBuf>,
+    /// Test hook (`FLANNEL_EBPF_PRETEND_MISSING`, read once by `main`): the probe reports
+    /// this feature as missing, to exercise the fallback on a kernel that has everything.
+    pub pretend_missing: Option<ProbeFeature>,
+}
+
+/// Parses a value of `FLANNEL_EBPF_PRETEND_MISSING`: `bpf`, `helpers`, `adjust-room-encap`
+/// or `adjust-room-decap`.
+pub fn parse_probe_feature(name: &str) -> Result<ProbeFeature, String> {
+    match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+        "bpf" => Ok(ProbeFeature::Bpf),
+        "helpers" => Ok(ProbeFeature::Helpers),
+        "adjust-room-encap" => Ok(ProbeFeature::AdjustRoomEncap),
+        "adjust-room-decap" => Ok(ProbeFeature::AdjustRoomDecap),
+        other => Err(format!(
+            "unknown eBPF feature {other:?}; expected bpf, helpers, adjust-room-encap or adjust-room-decap"
+        )),
+    }
+}
+
+/// Which datapath runs, and why: what `flannelctl status` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The `Datapath` option.
+    pub requested: DatapathMode,
+    /// True for the eBPF datapath, false for the kernel's.
+    pub ebpf: bool,
+    /// Why, in one sentence.
+    pub reason: String,
+}
+
+impl Choice {
+    fn kernel(requested: DatapathMode, reason: impl Into<String>) -> Self {
+        Self {
+            requested,
+            ebpf: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Decides between the datapaths before anything is loaded; `Ok(None)` means "eBPF, if the
+/// probe agrees". Errors are for `Datapath: ebpf` in a setup eBPF cannot serve.
+fn precheck(opts: &VxlanOptions, settings: &EbpfSettings, ipv4: bool) -> Result<Option<Choice>, BackendError> {
+    let requested = opts.datapath;
+    let blocker = if requested == DatapathMode::Kernel {
+        return Ok(Some(Choice::kernel(requested, "Datapath is \"kernel\"")));
+    } else if opts.gbp {
+        "GBP is on, and the eBPF datapath does not carry VXLAN group policy"
+    } else if !ipv4 {
+        "IPv4 is off, and the eBPF datapath encapsulates IPv4 only"
+    } else if settings.pin_dir.is_none() {
+        "no bpffs pin directory was given"
+    } else {
+        return Ok(None);
+    };
+    match requested {
+        DatapathMode::Ebpf => Err(BackendError::Unsupported(format!(
+            "vxlan: Datapath \"ebpf\" cannot be used: {blocker}; set Datapath to \"auto\" or \"kernel\""
+        ))),
+        _ => Ok(Some(Choice::kernel(requested, blocker))),
+    }
+}
+
+/// The loaded eBPF datapath and the desired map contents last applied.
+pub(super) struct Ebpf {
+    /// The programs and maps.
+    pub(super) dp: Datapath,
+    /// `--bpf-pin-dir`.
+    pub(super) pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Ebpf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ebpf").field("dp", &self.dp).finish()
+    }
+}
+
+/// Chooses the datapath for the prepared IPv4 device `v4` and loads eBPF if chosen. Under
+/// `auto` any failure falls back to the kernel datapath with one warning that says why.
+pub(super) fn select(
+    opts: &VxlanOptions,
+    settings: &EbpfSettings,
+    v4: Option<&Vtep>,
+    ext: &ExternalInterface,
+) -> Result<(Choice, Option<Ebpf>), BackendError> {
+    let requested = opts.datapath;
+    if let Some(choice) = precheck(opts, settings, v4.is_some())? {
+        if requested == DatapathMode::Auto {
+            warn!(reason = %choice.reason, "eBPF datapath unavailable, falling back to the kernel vxlan datapath");
+        } else {
+            info!(reason = %choice.reason, "using the kernel vxlan datapath");
+        }
+        detach_leftovers(settings);
+        return Ok((choice, None));
+    }
+    let (Some(v4), Some(pin_dir)) = (v4, settings.pin_dir.clone()) else {
+        unreachable!("precheck rules out a missing device or pin directory");
+    };
+    let probe = ProbeOptions {
+        pretend_missing: settings.pretend_missing,
+    };
+    let loaded = dataplane::probe(&probe)
+        .map_err(DataplaneError::Probe)
+        .and_then(|_| Datapath::load(&datapath_config(opts, v4, ext)?, &pin_dir));
+    match loaded {
+        Ok(dp) => {
+            let reason = match requested {
+                DatapathMode::Ebpf => "Datapath is \"ebpf\"".to_owned(),
+                _ => "Datapath is \"auto\" and the kernel passed the eBPF probe".to_owned(),
+            };
+            info!(reason = %reason, pin_dir = %pin_dir.display(), "using the eBPF vxlan datapath");
+            let choice = Choice {
+                requested,
+                ebpf: true,
+                reason,
+            };
+            Ok((choice, Some(Ebpf { dp, pin_dir })))
+        }
+        Err(e) if requested == DatapathMode::Ebpf => Err(BackendError::Unsupported(format!(
+            "vxlan: Datapath \"ebpf\" cannot be used: {}; set Datapath to \"auto\" or \"kernel\"",
+            chain(&e)
+        ))),
+        Err(e) => {
+            let reason = chain(&e);
+            warn!(reason = %reason, "eBPF datapath unavailable, falling back to the kernel vxlan datapath");
+            detach_leftovers(settings);
+            Ok((Choice::kernel(requested, reason), None))
+        }
+    }
+}
+
+/// An error and its sources on one line (the probe's reason is in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// With the kernel datapath chosen, programs an earlier eBPF run left attached would keep
+/// encapsulating from maps nobody updates any more; remove them (the kernel's entries carry
+/// the traffic, so this costs no packet).
+fn detach_leftovers(settings: &EbpfSettings) {
+    let Some(pin_dir) = &settings.pin_dir else { return };
+    if !pin_dir.join(flannel_common::PIN_SUBDIR).exists() {
+        return;
+    }
+    match dataplane::detach_all(pin_dir) {
+        Ok(()) => info!(pin_dir = %pin_dir.display(), "removed the eBPF datapath an earlier run left attached"),
+        Err(e) => {
+            warn!(pin_dir = %pin_dir.display(), error = %chain(&e), "cannot remove the eBPF datapath an earlier run left")
+        }
+    }
+}
+
+fn datapath_config(opts: &VxlanOptions, v4: &Vtep, ext: &ExternalInterface) -> Result<DatapathConfig, DataplaneError> {
+    let Some(IpAddr::V4(local)) = v4.params.local else {
+        return Err(DataplaneError::Config {
+            field: "vtep_ip",
+            detail: format!("{} has no IPv4 local address", v4.name),
+        });
+    };
+    let port = if opts.port == 0 { DEFAULT_PORT } else { opts.port };
+    Ok(DatapathConfig::new(
+        &v4.name, &ext.name, local, v4.mac.0, opts.vni, port,
+    ))
+}
+
+/// One peer as the backend wants it programmed: for `/status/datapath` and `flannelctl peers`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerView {
+    /// The store's name for the lease.
+    pub lease: String,
+    /// Its IPv4 subnet.
+    pub subnet: Ipv4Net,
+    /// Its `PublicIP`.
+    pub public_ip: Ipv4Addr,
+    /// Its `VtepMAC`.
+    pub vtep_mac: String,
+    /// Reached by DirectRouting rather than encapsulated.
+    pub direct_routing: bool,
+}
+
+/// The IPv4 peers of a plan with their VTEP (the map's desired content comes from these).
+pub(super) fn peer_views(desired: &Desired, leases: &BTreeMap<&String, &Lease>, vni: u32) -> Vec<PeerView> {
+    let mut views = Vec::new();
+    for p in &desired.peers {
+        let IpNet::V4(subnet) = p.subnet else { continue };
+        let lease = leases.get(&p.name);
+        let public_ip = match (p.vtep, lease) {
+            (Some((_, _, IpAddr::V4(ip))), _) => ip,
+            (_, Some(l)) => l.attrs.public_ip,
+            _ => continue,
+        };
+        let mac = match p.vtep {
+            Some((_, mac, _)) => Some(mac),
+            None => lease.and_then(|l| peer_vtep_mac(l.attrs.backend_data.as_ref(), vni).ok()),
+        };
+        let Some(mac) = mac else { continue };
+        views.push(PeerView {
+            lease: p.name.clone(),
+            subnet,
+            public_ip,
+            vtep_mac: mac.to_string(),
+            direct_routing: p.vtep.is_none(),
+        });
+    }
+    views
+}
+
+/// The map's desired content for these peers.
+fn map_entries<'a>(peers: impl IntoIterator<Item = &'a PeerView>) -> BTreeMap<Ipv4Net, RemoteVtep> {
+    peers
+        .into_iter()
+        .filter_map(|p| {
+            let mac: crate::netlink::MacAddr = p.vtep_mac.parse().ok()?;
+            let flags = if p.direct_routing { VTEP_F_DIRECT_ROUTING } else { 0 };
+            Some((p.subnet.trunc(), RemoteVtep::new(p.public_ip, mac.0, flags)))
+        })
+        .collect()
+}
+
+fn map_error(op: &'static str) -> impl Fn(DataplaneError) -> BackendError {
+    move |e| BackendError::Kernel {
+        op,
+        object: "the eBPF map FLANNEL_VTEPS".into(),
+        detail: chain(&e),
+    }
+}
+
+impl Ebpf {
+    /// Before the kernel's entries change: removes the map entries of peers that are gone
+    /// (only with a complete peer set), so the programs never use a VTEP whose route is gone.
+    pub(super) fn remove_gone(&mut self, peers: &[PeerView], complete: bool) -> Result<usize, BackendError> {
+        if !complete {
+            return Ok(0);
+        }
+        let want: HashSet<Ipv4Net> = peers.iter().map(|p| p.subnet.trunc()).collect();
+        let have = self.dp.vteps().map_err(map_error("read"))?;
+        let mut removed = 0;
+        for (subnet, vtep) in have {
+            if !want.contains(&subnet) && self.dp.remove_vtep(subnet).map_err(map_error("remove"))? {
+                info!(%subnet, vtep = %vtep.ipv4(), "eBPF VTEP removed");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// After the kernel's entries: makes the map hold every peer whose kernel entries are in
+    /// place. A peer whose kernel entries failed keeps whatever entry it had. With an
+    /// incomplete set nothing is deleted.
+    pub(super) fn apply(
+        &mut self,
+        peers: &[PeerView],
+        failed: &HashSet<String>,
+        complete: bool,
+    ) -> Result<usize, BackendError> {
+        let mut want = map_entries(peers.iter().filter(|p| !failed.contains(&p.lease)));
+        let have: BTreeMap<Ipv4Net, RemoteVtep> = self.dp.vteps().map_err(map_error("read"))?.into_iter().collect();
+        for p in peers.iter().filter(|p| failed.contains(&p.lease)) {
+            if let Some(old) = have.get(&p.subnet.trunc()) {
+                want.insert(p.subnet.trunc(), *old);
+            }
+        }
+        if complete {
+            return self.dp.sync_vteps(&want).map_err(map_error("sync"));
+        }
+        let mut changed = 0;
+        for (subnet, vtep) in want {
+            if have.get(&subnet) != Some(&vtep) {
+                self.dp.upsert_vtep(subnet, vtep).map_err(map_error("insert"))?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// What `/status/datapath` shows about the loaded programs.
+    pub(super) fn status(&self) -> Value {
+        let counters: serde_json::Map<String, Value> = match self.dp.counters() {
+            Ok(c) => c
+                .iter()
+                .map(|(stat, v)| (stat.name().to_owned(), Value::from(v)))
+                .collect(),
+            Err(_) => serde_json::Map::new(),
+        };
+        json!({
+            "pin_dir": self.pin_dir.display().to_string(),
+            "maps_dir": self.dp.pin_dir().display().to_string(),
+            "attach_mode": format!("{:?}", self.dp.attach_mode()).to_lowercase(),
+            "decap_attached": self.dp.decap_attached(),
+            "gso_decap": self.dp.gso_decap(),
+            "vteps": self.dp.vteps().map(|v| v.len()).unwrap_or(0),
+            "counters": counters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pretend_missing_names() {
+        assert_eq!(parse_probe_feature("BPF"), Ok(ProbeFeature::Bpf));
+        assert_eq!(
+            parse_probe_feature("adjust_room_encap"),
+            Ok(ProbeFeature::AdjustRoomEncap)
+        );
+        assert_eq!(
+            parse_probe_feature("adjust-room-decap"),
+            Ok(ProbeFeature::AdjustRoomDecap)
+        );
+        assert!(parse_probe_feature("xdp").is_err());
+    }
+
+    #[test]
+    fn precheck_explains_every_kernel_choice() {
+        let settings = EbpfSettings {
+            pin_dir: Some("/sys/fs/bpf/flannel".into()),
+            pretend_missing: None,
+        };
+        let opts = |datapath, gbp| VxlanOptions {
+            datapath,
+            gbp,
+            ..VxlanOptions::default()
+        };
+        assert_eq!(
+            precheck(&opts(DatapathMode::Auto, false), &settings, true).unwrap(),
+            None
+        );
+        let kernel = precheck(&opts(DatapathMode::Kernel, false), &settings, true)
+            .unwrap()
+            .unwrap();
+        assert!(!kernel.ebpf && kernel.reason.contains("kernel"));
+        let gbp = precheck(&opts(DatapathMode::Auto, true), &settings, true)
+            .unwrap()
+            .unwrap();
+        assert!(gbp.reason.contains("GBP"));
+        assert!(precheck(&opts(DatapathMode::Ebpf, true), &settings, true).is_err());
+        assert!(precheck(&opts(DatapathMode::Ebpf, false), &settings, false).is_err());
+        let no_pins = precheck(&opts(DatapathMode::Auto, false), &EbpfSettings::default(), true).unwrap();
+        assert!(no_pins.unwrap().reason.contains("pin directory"));
+    }
+
+    #[test]
+    fn map_entries_carry_direct_routing() {
+        let peer = |direct_routing| PeerView {
+            lease: "10.244.1.0-24".into(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::new(198, 18, 0, 2),
+            vtep_mac: "c6:d2:32:6f:8f:44".into(),
+            direct_routing,
+        };
+        let m = map_entries(&[peer(false)]);
+        let v = m[&"10.244.1.0/24".parse().unwrap()];
+        assert_eq!(
+            (v.ipv4(), v.vtep_mac, v.flags),
+            (Ipv4Addr::new(198, 18, 0, 2), [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44], 0)
+        );
+        let m = map_entries(&[peer(true)]);
+        assert_eq!(m.values().next().unwrap().flags, VTEP_F_DIRECT_ROUTING);
+    }
+}
