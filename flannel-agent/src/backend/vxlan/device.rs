@@ -104,19 +104,20 @@ pub fn address_changes(
 
 impl Vtep {
     /// Adopts a compatible device called `name` as is (MAC and MTU kept, so a
-    /// restart keeps the VTEP MAC peers know), or (re)creates it with a random
-    /// MAC and `mtu`.
+    /// restart keeps the VTEP MAC peers know), or (re)creates it with `mac` (the
+    /// one this node published before, e.g. after a reboot) or a random MAC.
     pub async fn prepare(
         nl: &Netlink,
         name: String,
         params: VxlanParams,
         mtu: u32,
         ext_name: String,
+        mac: Option<MacAddr>,
     ) -> Result<Self, BackendError> {
         let mut v = Vtep {
             name,
             params,
-            mac: MacAddr::random_local(),
+            mac: mac.unwrap_or_else(MacAddr::random_local),
             mtu,
             index: 0,
             addr: None,

@@ -38,8 +38,8 @@ use sync::{on_link_peers, sync_family, Tally};
 
 use super::{Backend, BackendError, BackendInfo};
 use crate::config::NetworkConfig;
-use crate::netlink::{ExternalInterface, Netlink, VxlanParams};
-use crate::subnet::{Lease, PeerSet};
+use crate::netlink::{ExternalInterface, MacAddr, Netlink, VxlanParams};
+use crate::subnet::{Lease, PeerSet, StoredNode};
 
 /// The kernel-datapath vxlan backend.
 #[derive(Debug)]
@@ -70,6 +70,9 @@ pub struct VxlanBackend {
     ebpf: Option<ebpf::Ebpf>,
     /// The IPv4 peers of the last reconcile, for `/status/datapath`.
     last_peers: Vec<PeerView>,
+    /// The VTEP MACs this node published before (kube annotations), reused when
+    /// the devices have to be created, so peers' entries stay valid.
+    stored_macs: (Option<MacAddr>, Option<MacAddr>),
 }
 
 impl VxlanBackend {
@@ -99,6 +102,7 @@ impl VxlanBackend {
             choice: None,
             ebpf: None,
             last_peers: Vec::new(),
+            stored_macs: (None, None),
         })
     }
 
@@ -125,6 +129,12 @@ impl VxlanBackend {
 impl Backend for VxlanBackend {
     fn name(&self) -> &'static str {
         "vxlan"
+    }
+
+    fn use_stored(&mut self, stored: &StoredNode) {
+        // Only a unicast MAC is worth reusing; anything else gets a fresh one.
+        let parse = |m: Option<&str>| m.and_then(|m| m.parse::<MacAddr>().ok()).filter(MacAddr::is_unicast);
+        self.stored_macs = (parse(stored.vtep_mac()), parse(stored.vtep_v6_mac()));
     }
 
     async fn prepare(&mut self, ext: &ExternalInterface, config: &NetworkConfig) -> Result<BackendInfo, BackendError> {
@@ -159,6 +169,7 @@ impl Backend for VxlanBackend {
                 self.params(ext, local.into()),
                 dev_mtu,
                 ext.name.clone(),
+                self.stored_macs.0,
             )
             .await?;
             info.backend_data = Some(backend_data(self.opts.vni, v.mac));
@@ -177,6 +188,7 @@ impl Backend for VxlanBackend {
                 self.params(ext, local.into()),
                 dev_mtu,
                 ext.name.clone(),
+                self.stored_macs.1,
             )
             .await?;
             info.backend_v6_data = Some(backend_data(self.opts.vni, v.mac));
@@ -267,6 +279,7 @@ impl Backend for VxlanBackend {
             // programs a VTEP the kernel has no entries for (see the `ebpf` module).
             let views = ebpf::peer_views(&desired, &leases, self.opts.vni);
             if let Some(e) = self.ebpf.as_mut() {
+                tally.changes += usize::from(e.follow_device(&self.opts, &vtep)?);
                 tally.changes += e.remove_gone(&views, peers.complete)?;
             }
             sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
@@ -316,5 +329,24 @@ impl VxlanBackend {
                 self.warned.insert((name.clone(), v6), why.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    #[test]
+    fn stored_unicast_macs_are_reused_and_others_ignored() {
+        let cfg = NetworkConfig::parse_and_check(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let mut b = VxlanBackend::new(&cfg).unwrap();
+        let stored = StoredNode {
+            backend_data: Some(serde_json::json!({"VNI": 1, "VtepMAC": "0a:58:0a:f4:01:01"})),
+            backend_v6_data: Some(serde_json::json!({"VNI": 1, "VtepMAC": "01:00:5e:00:00:01"})),
+            ..StoredNode::default()
+        };
+        b.use_stored(&stored);
+        assert_eq!(b.stored_macs.0, Some("0a:58:0a:f4:01:01".parse().unwrap()));
+        assert_eq!(b.stored_macs.1, None, "a multicast MAC is not a VTEP MAC");
     }
 }
