@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod cni;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

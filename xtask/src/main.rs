@@ -2,6 +2,7 @@
 //!
 //! One module per subcommand; `ebpf` holds the eBPF build shared with the agent's build script.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod ebpf;
@@ -35,6 +36,9 @@ enum Command {
     /// The main job: a 3-node cluster in network namespaces, showing leases, routes and
     /// pod-to-pod connectivity for each backend, then torn down (needs root).
     Demo(demo::Args),
+    /// The datapath benchmark: host-gw, kernel and eBPF VXLAN, pod to pod, interleaved
+    /// rounds; writes target/bench/datapath.{json,md} (needs root).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(args) => build_ebpf::run(&args),
         Command::Test => test::run(),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,6 +72,12 @@ pub fn run() -> Result<()> {
             name: "clippy (eBPF crate)",
             cmd: ebpf_clippy,
         },
+        // `cargo test` builds only the binaries of the package under test; the
+        // privileged tests run flanneld and the flannel CNI plugin from target/debug.
+        Step {
+            name: "build binaries",
+            cmd: with_args(cargo(), &["build", "-p", "flannel-agent", "--bins"]),
+        },
         Step {
             name: "test",
             cmd: with_args(

@@ -48,7 +48,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces: run it as root");
     }
-    let backends = if args.backends.is_empty() { vec!["vxlan".to_owned(), "host-gw".to_owned()] } else { args.backends };
+    let backends = if args.backends.is_empty() {
+        vec!["vxlan".to_owned(), "host-gw".to_owned()]
+    } else {
+        args.backends
+    };
     let mut failed = Vec::new();
     for backend in &backends {
         if !demo_backend(backend, args.nodes, args.pods).await? {
@@ -81,7 +85,10 @@ async fn demo_backend(backend: &str, nodes: usize, pods: usize) -> anyhow::Resul
             return Err(e).with_context(|| format!("node {n} did not become ready; its log:\n{logs}"));
         }
     }
-    println!("all {nodes} agents ready {:.2} s after start", started.elapsed().as_secs_f64());
+    println!(
+        "all {nodes} agents ready {:.2} s after start",
+        started.elapsed().as_secs_f64()
+    );
 
     let etcd = tb.etcd().context("the testbed has no etcd")?;
     let prefix = format!("{}/subnets/", tb.options().etcd_prefix.trim_end_matches('/'));
@@ -96,12 +103,22 @@ async fn demo_backend(backend: &str, nodes: usize, pods: usize) -> anyhow::Resul
     for n in 1..=nodes {
         let netns = tb.node(n).netns.clone();
         let routes = tb.ip(&netns, &["route", "show", "proto", "102"]).await?;
-        println!("\nnode {n} ({}) routes programmed by flanneld (proto 102):", tb.node(n).ip);
+        println!(
+            "\nnode {n} ({}) routes programmed by flanneld (proto 102):",
+            tb.node(n).ip
+        );
         for line in routes.lines() {
             println!("  {line}");
         }
         if backend == "vxlan" {
-            let fdb = tb.exec(&netns, "bridge", &["fdb", "show", "dev", "flannel.1"], Duration::from_secs(5)).await?;
+            let fdb = tb
+                .exec(
+                    &netns,
+                    "bridge",
+                    &["fdb", "show", "dev", "flannel.1"],
+                    Duration::from_secs(5),
+                )
+                .await?;
             let fdb: Vec<_> = fdb.lines().filter(|l| l.contains("dst")).collect();
             println!("  FDB on flannel.1: {}", fdb.join(" | "));
         }
@@ -139,7 +156,10 @@ async fn demo_backend(backend: &str, nodes: usize, pods: usize) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     match seen {
-        Some(d) => println!("\nnew lease in etcd -> route on node 1: {:.1} ms", d.as_secs_f64() * 1000.0),
+        Some(d) => println!(
+            "\nnew lease in etcd -> route on node 1: {:.1} ms",
+            d.as_secs_f64() * 1000.0
+        ),
         None => println!("\nnew lease in etcd -> route on node 1: not seen within 10 s"),
     }
     tb.etcd().context("no etcd")?.delete(&key).await?;

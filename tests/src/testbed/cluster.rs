@@ -78,6 +78,9 @@ pub struct TestbedOptions {
     pub etcd_prefix: String,
     /// net-conf.json to write to `<prefix>/config` once etcd runs.
     pub net_conf: Option<String>,
+    /// Wire pods through flannel-rs's CNI plugin when it can be had (the default); when
+    /// false, or when it cannot, run the `bridge` plugin with the testbed's own rendering.
+    pub flannel_cni: bool,
 }
 
 impl TestbedOptions {
@@ -90,7 +93,14 @@ impl TestbedOptions {
             etcd_tls: false,
             etcd_prefix: DEFAULT_ETCD_PREFIX.to_owned(),
             net_conf: None,
+            flannel_cni: true,
         }
+    }
+
+    /// Whether pods go through the flannel CNI plugin when it can be had (default true).
+    pub fn flannel_cni(mut self, on: bool) -> Self {
+        self.flannel_cni = on;
+        self
     }
 
     /// Sets the underlay MTU.
@@ -168,6 +178,8 @@ pub(super) struct PodState {
     pub(super) pod: super::Pod,
     /// The exact config of the ADD, reused for DEL as flannel's plugin does.
     pub(super) config: Value,
+    /// The `CNI_PATH` of the ADD: the plugins that DEL runs too.
+    pub(super) cni_path: std::path::PathBuf,
 }
 
 /// An N-node cluster in network namespaces on this machine. See the module docs for the

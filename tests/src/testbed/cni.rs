@@ -2,8 +2,8 @@
 //! containernetworking-plugins package, configured from a node's `subnet.env` the way
 //! flannel's CNI plugin renders its delegate (flannel-io/cni-plugin `flannel_linux.go`).
 //!
-//! The renderer is kept apart from the invocation so that pods can move onto flannel-rs's own
-//! CNI plugin binary later without touching the testbed.
+//! The renderer is the fallback of the testbed's pods: they normally go through flannel-rs's
+//! own CNI plugin (`flannel_cni.rs`), which renders the same config itself.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -150,20 +150,29 @@ pub struct CniCall<'a> {
 /// Runs the plugin named by `config.type` with `CNI_COMMAND=ADD` inside the node namespace and
 /// returns the addresses of the result.
 pub async fn add(call: &CniCall<'_>, config: &Value) -> anyhow::Result<Vec<IpNet>> {
-    let stdout = invoke("ADD", call, config).await?;
+    add_in(&cni_path(), call, config).await
+}
+
+/// Runs the plugin with `CNI_COMMAND=DEL`, which releases the address and removes the veth.
+pub async fn del(call: &CniCall<'_>, config: &Value) -> anyhow::Result<()> {
+    del_in(&cni_path(), call, config).await
+}
+
+/// [`add`] with the plugins (and `CNI_PATH`) in `cni_path`.
+pub async fn add_in(cni_path: &Path, call: &CniCall<'_>, config: &Value) -> anyhow::Result<Vec<IpNet>> {
+    let stdout = invoke(cni_path, "ADD", call, config).await?;
     let result: Value = serde_json::from_str(&stdout)
         .with_context(|| format!("CNI ADD printed something that is not JSON: {stdout}"))?;
     result_addresses(&result)
 }
 
-/// Runs the plugin with `CNI_COMMAND=DEL`, which releases the address and removes the veth.
-pub async fn del(call: &CniCall<'_>, config: &Value) -> anyhow::Result<()> {
-    invoke("DEL", call, config).await.map(drop)
+/// [`del`] with the plugins (and `CNI_PATH`) in `cni_path`.
+pub async fn del_in(cni_path: &Path, call: &CniCall<'_>, config: &Value) -> anyhow::Result<()> {
+    invoke(cni_path, "DEL", call, config).await.map(drop)
 }
 
-async fn invoke(command: &str, call: &CniCall<'_>, config: &Value) -> anyhow::Result<String> {
+async fn invoke(cni_path: &Path, command: &str, call: &CniCall<'_>, config: &Value) -> anyhow::Result<String> {
     let plugin_type = config["type"].as_str().context("CNI config without a type")?;
-    let cni_path = cni_path();
     let plugin = cni_path.join(plugin_type);
     if !plugin.exists() {
         bail!(
@@ -172,7 +181,7 @@ async fn invoke(command: &str, call: &CniCall<'_>, config: &Value) -> anyhow::Re
         );
     }
     let netns_path = netns::netns_path(call.pod_netns);
-    let (plugin, cni_path, netns_path) = (path_str(&plugin)?, path_str(&cni_path)?, path_str(&netns_path)?);
+    let (plugin, cni_path, netns_path) = (path_str(&plugin)?, path_str(cni_path)?, path_str(&netns_path)?);
     let env = [
         ("CNI_COMMAND", command),
         ("CNI_CONTAINERID", call.container_id),

@@ -5,9 +5,14 @@
 //! - `cluster.rs`: [`Testbed`], the topology and addressing plan, etcd, generic helpers;
 //! - `agent.rs`: flanneld per node (start, readiness, stop, kill, restart, pause);
 //! - `pods.rs` and `cni.rs`: pods through CNI ADD/DEL, and the delegate config renderer;
+//! - `flannel_cni.rs`: pods through flannel-rs's CNI plugin binary (the default);
 //! - `probe.rs`: ping, TCP echo, HTTP GET and the connectivity [`Matrix`];
 //! - `netns.rs`: namespace threads, commands and the etcd forwarder;
-//! - `cleanup.rs`: names, cleanup on drop, on Ctrl-C and of dead runs.
+//! - `cleanup.rs`: names, cleanup on drop, on Ctrl-C and of dead runs;
+//! - `inspect.rs`: a node's routes, neighbours, FDB and links, parsed from iproute2's JSON;
+//! - `leases.rs`: subnet leases in etcd, in upstream's format;
+//! - `upstream.rs`: a node set up by hand as upstream flanneld would (mixed clusters);
+//! - `timing.rs`: bounded polling, starting agents together, recording measurements.
 //!
 //! Methods that wait are async and need a tokio runtime with I/O and timers (any
 //! `#[tokio::test]`); every wait is bounded. `Drop` is synchronous. Needs root, iproute2,
@@ -40,9 +45,14 @@ mod agent;
 mod cleanup;
 pub mod cluster;
 pub mod cni;
+pub mod flannel_cni;
+pub mod inspect;
+pub mod leases;
 pub mod netns;
 mod pods;
 pub mod probe;
+pub mod timing;
+pub mod upstream;
 
 use std::io::Write;
 
@@ -52,6 +62,7 @@ pub use self::cluster::{Node, Testbed, TestbedOptions};
 pub use self::cni::cni_delegate_config;
 pub use self::pods::Pod;
 pub use self::probe::{Endpoint, Matrix};
+pub use self::timing::{poll_until, wait_for};
 
 /// Whether a privileged test can run: true when we are root.
 ///

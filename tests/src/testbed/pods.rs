@@ -2,13 +2,16 @@
 //! real CNI plugins, and the probes between them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
+use serde_json::Value;
 
-use super::cluster::{PodState, Testbed};
+use super::cluster::{Node, PodState, Testbed};
 use super::cni::{self, CniCall, CNI_NETWORK_NAME};
+use super::flannel_cni;
 use super::netns;
 use super::probe::{self, Endpoint, Matrix};
 
@@ -71,6 +74,12 @@ impl Pod {
     }
 }
 
+/// Says once per process that pods run `bridge` directly, and why.
+fn warn_fallback_once(why: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| eprintln!("testbed: pods use the bridge plugin directly: {why}"));
+}
+
 /// Bound on pod names: they end up in namespace names and container ids.
 const MAX_POD_NAME: usize = 40;
 /// Bound on IPv6 duplicate address detection (about a second by default).
@@ -98,9 +107,10 @@ async fn wait_for_dad(netns: &str, dev: &str) -> anyhow::Result<()> {
 }
 
 impl Testbed {
-    /// Creates pod `name` on node `number`: a namespace, then CNI ADD with the delegate
-    /// config flannel's plugin would render from the node's `subnet.env` (which must exist:
-    /// written by an agent or by [`Self::write_subnet_env`]).
+    /// Creates pod `name` on node `number`: a namespace, then CNI ADD through flannel-rs's
+    /// CNI plugin (or, as a fallback, `bridge` with the delegate config flannel's plugin
+    /// would render) from the node's `subnet.env`, which must exist: written by an agent
+    /// or by [`Self::write_subnet_env`].
     pub async fn add_pod(&mut self, number: usize, name: &str) -> anyhow::Result<Pod> {
         let valid = name
             .bytes()
@@ -115,10 +125,7 @@ impl Testbed {
         let subnet_env = self
             .read_subnet_env(number)
             .context("a pod needs its node's subnet.env")?;
-        let mut config = cni::cni_delegate_config(&subnet_env, CNI_NETWORK_NAME)?;
-        // Per node, so that nodes never share allocations (and the host's
-        // /var/lib/cni/networks is left alone).
-        config["ipam"]["dataDir"] = node.dir.join("cni-ipam").display().to_string().into();
+        let (config, cni_path) = self.pod_cni_config(&node, &subnet_env).await?;
 
         let pod_netns = format!("{}-p-{name}", self.prefix);
         let container_id = format!("{}-{name}", self.prefix);
@@ -132,14 +139,14 @@ impl Testbed {
         let added = async {
             // Runtimes bring lo up too (the loopback plugin); the bridge plugin does not.
             netns::ip(&pod_netns, &["link", "set", "lo", "up"]).await?;
-            cni::add(&call, &config).await
+            cni::add_in(&cni_path, &call, &config).await
         }
         .await;
         let addresses = match added {
             Ok(addresses) if !addresses.is_empty() => addresses,
             outcome => {
                 // Undo, so that a failed ADD leaves nothing behind for the next attempt.
-                let _ = cni::del(&call, &config).await;
+                let _ = cni::del_in(&cni_path, &call, &config).await;
                 let _ = netns::run("ip", &["netns", "delete", &pod_netns], Duration::from_secs(10)).await;
                 let why = match outcome {
                     Err(e) => e,
@@ -161,6 +168,7 @@ impl Testbed {
         self.pods.push(PodState {
             pod: pod.clone(),
             config,
+            cni_path,
         });
         Ok(pod)
     }
@@ -181,9 +189,36 @@ impl Testbed {
             pod_netns: &state.pod.netns,
             ifname: "eth0",
         };
-        let deleted = cni::del(&call, &state.config).await;
+        let deleted = cni::del_in(&state.cni_path, &call, &state.config).await;
         netns::run("ip", &["netns", "delete", &state.pod.netns], Duration::from_secs(10)).await?;
         deleted.with_context(|| format!("CNI DEL of pod {name}"))
+    }
+
+    /// The CNI config and `CNI_PATH` for a pod on `node`: flannel's conflist entry and the
+    /// testbed's bin directory when the flannel plugin is on and can be had, else the
+    /// delegate config rendered here and the system plugins.
+    async fn pod_cni_config(&self, node: &Node, subnet_env: &str) -> anyhow::Result<(Value, PathBuf)> {
+        if self.options.flannel_cni {
+            // The first call may build the plugin: off the runtime's threads.
+            let found = tokio::task::spawn_blocking(flannel_cni::flannel_cni_path)
+                .await
+                .unwrap_or_else(|e| Err(format!("looking for the plugin panicked: {e}")));
+            match found {
+                Ok(plugin) => {
+                    // Fail at once on a bad file, as the fallback does, rather than after
+                    // the plugin's wait for a complete one.
+                    cni::SubnetEnv::parse(subnet_env)?;
+                    let dir = flannel_cni::prepare_bin_dir(&self.state_dir.join("cni-bin"), &plugin)?;
+                    return Ok((flannel_cni::flannel_netconf(&node.dir, &node.subnet_file()), dir));
+                }
+                Err(why) => warn_fallback_once(&why),
+            }
+        }
+        let mut config = cni::cni_delegate_config(subnet_env, CNI_NETWORK_NAME)?;
+        // Per node, so that nodes never share allocations (and the host's
+        // /var/lib/cni/networks is left alone).
+        config["ipam"]["dataDir"] = node.dir.join("cni-ipam").display().to_string().into();
+        Ok((config, cni::cni_path()))
     }
 
     /// All pods, in creation order.

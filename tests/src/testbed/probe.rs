@@ -78,21 +78,57 @@ pub async fn tcp_check(src_netns: &str, dst_netns: &str, dst_ip: IpAddr) -> anyh
     }
 }
 
-/// Accepts one connection (polling, so that a client that never comes cannot hang us) and
-/// echoes until the client closes its side.
-fn echo_one(listener: &TcpListener) -> anyhow::Result<()> {
+/// Opens a TCP connection from `src_netns` to a listener bound to `dst_ip` inside `dst_netns`
+/// and returns the source address the listener saw: the client's own address, or the one a
+/// NAT on the path (masquerading) replaced it with.
+pub async fn tcp_source_seen(src_netns: &str, dst_netns: &str, dst_ip: IpAddr) -> anyhow::Result<SocketAddr> {
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    let server = netns::in_netns(dst_netns, 4 * TCP_STEP_TIMEOUT, move || {
+        let listener = TcpListener::bind((dst_ip, 0)).with_context(|| format!("binding a listener to {dst_ip}"))?;
+        let _ = port_tx.send(listener.local_addr()?.port());
+        let conn = accept_one(&listener)?;
+        conn.peer_addr().context("reading the peer address")
+    });
+    let client = async {
+        let port = port_rx.await.context("the listener was not set up")?;
+        let target = SocketAddr::new(dst_ip, port);
+        netns::in_netns(src_netns, 4 * TCP_STEP_TIMEOUT, move || {
+            let mut conn = TcpStream::connect_timeout(&target, TCP_STEP_TIMEOUT)
+                .with_context(|| format!("connecting to {target}"))?;
+            conn.write_all(b"hello")
+                .with_context(|| format!("sending to {target}"))?;
+            Ok(())
+        })
+        .await
+    };
+    let (client, server) = tokio::join!(client, server);
+    match (client, server) {
+        (Ok(()), Ok(seen)) => Ok(seen),
+        (Err(client), Ok(_)) => Err(client),
+        (Ok(()), Err(server)) => Err(server.context("listener")),
+        (Err(client), Err(server)) => Err(client.context(format!("listener: {server:#}"))),
+    }
+}
+
+/// Accepts one connection, polling so that a client that never comes cannot hang us.
+fn accept_one(listener: &TcpListener) -> anyhow::Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + 2 * TCP_STEP_TIMEOUT;
-    let mut conn = loop {
+    loop {
         match listener.accept() {
-            Ok((conn, _)) => break conn,
+            Ok((conn, _)) => return Ok(conn),
             Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => bail!("nobody connected within {:?}", 2 * TCP_STEP_TIMEOUT),
             Err(e) => return Err(e).context("accepting"),
         }
-    };
+    }
+}
+
+/// Accepts one connection and echoes until the client closes its side.
+fn echo_one(listener: &TcpListener) -> anyhow::Result<()> {
+    let mut conn = accept_one(listener)?;
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(TCP_STEP_TIMEOUT))?;
     conn.set_write_timeout(Some(TCP_STEP_TIMEOUT))?;
