@@ -3,11 +3,10 @@
 //! rolling migration. What upstream does is in `reference/flannel-upstream.md` section 5.1
 //! (`pkg/backend/vxlan`); the commands below are its netlink calls in iproute2 spelling.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 
 use super::cluster::{Node, Testbed};
 use super::leases::{random_vtep_mac, upstream_vxlan_lease_value, UPSTREAM_LEASE_TTL};
@@ -197,15 +196,5 @@ impl UpstreamVxlanNode {
             count += 1;
         }
         Ok(count)
-    }
-
-    /// The address of its `flannel.1` (the network address of its subnet).
-    pub fn vtep_ip(&self) -> IpAddr {
-        IpAddr::V4(self.subnet.network())
-    }
-
-    /// Its subnet as an [`IpNet`].
-    pub fn subnet_net(&self) -> IpNet {
-        IpNet::V4(self.subnet)
     }
 }

@@ -101,6 +101,9 @@ pub(super) struct Ebpf {
     pub(super) dp: Datapath,
     /// `--bpf-pin-dir`.
     pub(super) pin_dir: PathBuf,
+    /// The indexes of the VXLAN device and of the uplink the programs were loaded for: they
+    /// are baked into the programs' config, and the encap hook lives on the device.
+    loaded_for: (u32, u32),
 }
 
 impl std::fmt::Debug for Ebpf {
@@ -135,7 +138,7 @@ pub(super) fn select(
     };
     let loaded = dataplane::probe(&probe)
         .map_err(DataplaneError::Probe)
-        .and_then(|_| Datapath::load(&datapath_config(opts, v4, ext)?, &pin_dir));
+        .and_then(|_| Datapath::load(&datapath_config(opts, v4, &ext.name)?, &pin_dir));
     match loaded {
         Ok(dp) => {
             let reason = match requested {
@@ -148,7 +151,15 @@ pub(super) fn select(
                 ebpf: true,
                 reason,
             };
-            Ok((choice, Some(Ebpf { dp, pin_dir })))
+            let loaded_for = (v4.index, v4.params.dev_index);
+            Ok((
+                choice,
+                Some(Ebpf {
+                    dp,
+                    pin_dir,
+                    loaded_for,
+                }),
+            ))
         }
         Err(e) if requested == DatapathMode::Ebpf => Err(BackendError::Unsupported(format!(
             "vxlan: Datapath \"ebpf\" cannot be used: {}; set Datapath to \"auto\" or \"kernel\"",
@@ -191,7 +202,7 @@ fn detach_leftovers(settings: &EbpfSettings) {
     }
 }
 
-fn datapath_config(opts: &VxlanOptions, v4: &Vtep, ext: &ExternalInterface) -> Result<DatapathConfig, DataplaneError> {
+fn datapath_config(opts: &VxlanOptions, v4: &Vtep, uplink: &str) -> Result<DatapathConfig, DataplaneError> {
     let Some(IpAddr::V4(local)) = v4.params.local else {
         return Err(DataplaneError::Config {
             field: "vtep_ip",
@@ -199,9 +210,7 @@ fn datapath_config(opts: &VxlanOptions, v4: &Vtep, ext: &ExternalInterface) -> R
         });
     };
     let port = if opts.port == 0 { DEFAULT_PORT } else { opts.port };
-    Ok(DatapathConfig::new(
-        &v4.name, &ext.name, local, v4.mac.0, opts.vni, port,
-    ))
+    Ok(DatapathConfig::new(&v4.name, uplink, local, v4.mac.0, opts.vni, port))
 }
 
 /// One peer as the backend wants it programmed: for `/status/datapath` and `flannelctl peers`.
@@ -258,6 +267,14 @@ fn map_entries<'a>(peers: impl IntoIterator<Item = &'a PeerView>) -> BTreeMap<Ip
         .collect()
 }
 
+fn reload_error(e: DataplaneError) -> BackendError {
+    BackendError::Kernel {
+        op: "reload",
+        object: "the eBPF datapath".into(),
+        detail: chain(&e),
+    }
+}
+
 fn map_error(op: &'static str) -> impl Fn(DataplaneError) -> BackendError {
     move |e| BackendError::Kernel {
         op,
@@ -267,6 +284,24 @@ fn map_error(op: &'static str) -> impl Fn(DataplaneError) -> BackendError {
 }
 
 impl Ebpf {
+    /// Loads and attaches the programs again when the VXLAN device or the uplink is not the
+    /// one they were loaded for (someone deleted `flannel.<VNI>` and [`Vtep::ensure`] made it
+    /// again, or the uplink was re-created): the encap hook went with the old device, and
+    /// `flannel_decap` on the uplink still redirects to the old device's index, which drops
+    /// every packet from the peers. The pinned maps keep the VTEPs, so both hooks are
+    /// attached (replaced) at once, as after an agent restart. Returns whether it reloaded.
+    pub(super) fn follow_device(&mut self, opts: &VxlanOptions, v4: &Vtep) -> Result<bool, BackendError> {
+        let now = (v4.index, v4.params.dev_index);
+        if now == self.loaded_for {
+            return Ok(false);
+        }
+        let config = datapath_config(opts, v4, &v4.ext_name).map_err(reload_error)?;
+        self.dp = Datapath::load(&config, &self.pin_dir).map_err(reload_error)?;
+        info!(dev = %v4.name, ifindex = now.0, uplink_ifindex = now.1, "eBPF datapath re-attached to the re-created device");
+        self.loaded_for = now;
+        Ok(true)
+    }
+
     /// Before the kernel's entries change: removes the map entries of peers that are gone
     /// (only with a complete peer set), so the programs never use a VTEP whose route is gone.
     pub(super) fn remove_gone(&mut self, peers: &[PeerView], complete: bool) -> Result<usize, BackendError> {
