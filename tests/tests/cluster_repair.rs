@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use flannel_tests::testbed::leases::{random_vtep_mac, upstream_vxlan_lease_value, StoredLease};
-use flannel_tests::testbed::{probe, require_root, wait_for, Testbed, TestbedOptions};
+use flannel_tests::testbed::{require_root, wait_for, Testbed, TestbedOptions};
 use ipnet::{IpNet, Ipv4Net};
 
 /// Bound on an agent becoming ready.
@@ -286,10 +286,8 @@ async fn host_gw_restores_a_deleted_route() -> anyhow::Result<()> {
     tb.tcp_check(&a, &b).await?;
 
     tb.ip(&tb.node(1).netns, &["route", "del", &peer.to_string()]).await?;
-    assert!(
-        !probe::ping_attempts(&a.netns, b.ip(), 1).await,
-        "the deleted route still carried traffic"
-    );
+    // No check that traffic stops in between: a reconcile already pending (pods'
+    // veths are link events) may put the route back before a probe could run.
     let ((), took) = wait_for("the deleted host-gw route to come back", PERIODIC, || async {
         let now = tb.route_to(1, peer).await?;
         ensure!(now.as_ref() == Some(&route), "route to {peer}: {now:?}");
