@@ -36,6 +36,11 @@ pub fn run() -> Result<()> {
         cmd.env("RUST_BACKTRACE", "1");
         cmd
     };
+    // The testbed would otherwise build the CNI plugin itself (a nested cargo) on first use.
+    let with_env = |key: &str, value: std::path::PathBuf, mut cmd: Command| {
+        cmd.env(key, value);
+        cmd
+    };
     let with_args = |mut cmd: Command, args: &[&str]| {
         cmd.args(args);
         cmd
@@ -80,16 +85,20 @@ pub fn run() -> Result<()> {
         },
         Step {
             name: "test",
-            cmd: with_args(
-                cargo(),
-                &[
-                    "test",
-                    "--workspace",
-                    "--no-fail-fast",
-                    "--",
-                    "--test-threads",
-                    TEST_THREADS,
-                ],
+            cmd: with_env(
+                "FLANNEL_CNI_BIN",
+                root.join("target/debug/flannel"),
+                with_args(
+                    cargo(),
+                    &[
+                        "test",
+                        "--workspace",
+                        "--no-fail-fast",
+                        "--",
+                        "--test-threads",
+                        TEST_THREADS,
+                    ],
+                ),
             ),
         },
     ];
