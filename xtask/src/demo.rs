@@ -25,16 +25,18 @@ pub fn run(args: &Args) -> Result<()> {
     crate::setup::run().context("step `setup` failed")?;
     let root = crate::workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // The agent binary first: the testbed runs target/debug/flanneld.
+    // The agent's binaries first: the testbed runs target/debug/flanneld and the flannel CNI plugin.
     let status = Command::new(&cargo)
         .current_dir(&root)
-        .args(["build", "--quiet", "-p", "flannel-agent", "--bin", "flanneld"])
+        .args(["build", "--quiet", "-p", "flannel-agent", "--bins"])
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("building flanneld failed");
     }
     let mut cmd = Command::new(&cargo);
+    // Pods go through the CNI plugin just built (flanneld's sibling binary).
+    cmd.env("FLANNEL_CNI_BIN", root.join("target/debug/flannel"));
     cmd.current_dir(&root)
         .args(["run", "--quiet", "-p", "flannel-tests", "--bin", "flannel-demo", "--"])
         .args(["--nodes", &args.nodes.to_string(), "--pods", &args.pods.to_string()]);
