@@ -39,8 +39,28 @@ pub const MAP_VTEPS: &str = "FLANNEL_VTEPS";
 pub const MAP_VTEP_ADDRS: &str = "FLANNEL_VTEP_ADDRS";
 /// Name of the per-CPU array of datapath counters, indexed by [`Stat`].
 pub const MAP_STATS: &str = "FLANNEL_STATS";
+/// Name of the per-CPU hash of per-peer counters: VTEP address (`[u8; 4]`) -> [`PeerStats`].
+/// The agent creates an entry (zero) for every address of [`MAP_VTEP_ADDRS`] and removes it
+/// with the address; the programs only add to entries that exist.
+pub const MAP_PEER_STATS: &str = "FLANNEL_PEER_STATS";
+/// Name of the hash of local pods for the pod fast path: pod IPv4 address (`[u8; 4]`) ->
+/// [`LocalPod`]. Written by the agent, read by `flannel_decap`.
+pub const MAP_LOCAL_PODS: &str = "FLANNEL_LOCAL_PODS";
+/// Name of the per-CPU array of the pod fast path's counters, indexed by [`PodStat`].
+pub const MAP_POD_STATS: &str = "FLANNEL_POD_STATS";
 /// Every map the agent pins, and expects in the built object.
-pub const MAP_NAMES: [&str; 3] = [MAP_VTEPS, MAP_VTEP_ADDRS, MAP_STATS];
+///
+/// The last three came after version 1 was released without them. Adding a map does not
+/// change the layout of the others, so it needs no [`DATAPATH_VERSION`] bump: an agent that
+/// finds the older pins reuses them and creates the new maps beside them.
+pub const MAP_NAMES: [&str; 6] = [
+    MAP_VTEPS,
+    MAP_VTEP_ADDRS,
+    MAP_STATS,
+    MAP_PEER_STATS,
+    MAP_LOCAL_PODS,
+    MAP_POD_STATS,
+];
 
 /// Name of the TC classifier for the egress of `flannel.<VNI>`: encapsulates IPv4 packets for
 /// known remote subnets and redirects them to the underlay device.
@@ -52,8 +72,12 @@ pub const PROG_DECAP: &str = "flannel_decap";
 /// `bpf_skb_adjust_room` flags the kernel accepts; never attached. Returns [`PROBE_OK_ENCAP`]
 /// and friends.
 pub const PROG_PROBE: &str = "flannel_probe";
+/// Name of the TC classifier for the ingress of each local pod's host-side veth (the pod
+/// fast path): encapsulates IPv4 packets from the pod to a remote pod subnet and redirects
+/// them straight to the underlay device, skipping the bridge and the host's routing.
+pub const PROG_POD_EGRESS: &str = "flannel_pod_egress";
 /// Every program the agent expects in the built object.
-pub const PROGRAM_NAMES: [&str; 3] = [PROG_ENCAP, PROG_DECAP, PROG_PROBE];
+pub const PROGRAM_NAMES: [&str; 4] = [PROG_ENCAP, PROG_DECAP, PROG_PROBE, PROG_POD_EGRESS];
 
 /// Name of the global ([`DatapathConfig`]) that the agent sets at load time.
 pub const GLOBAL_CONFIG: &str = "FLANNEL_CONFIG";
@@ -78,6 +102,12 @@ pub const PROBE_RESULT_BASE: u32 = 0x100;
 pub const VTEPS_MAX_ENTRIES: u32 = 65536;
 /// Capacity of [`MAP_VTEP_ADDRS`]: at most one address per [`MAP_VTEPS`] entry.
 pub const VTEP_ADDRS_MAX_ENTRIES: u32 = VTEPS_MAX_ENTRIES;
+/// Capacity of [`MAP_PEER_STATS`]: one entry per known VTEP address. Created with
+/// `BPF_F_NO_PREALLOC`, so the unused capacity costs no per-CPU memory.
+pub const PEER_STATS_MAX_ENTRIES: u32 = VTEP_ADDRS_MAX_ENTRIES;
+/// Capacity of [`MAP_LOCAL_PODS`]: pods on this node (kubelet's default limit is 110; a /24
+/// lease holds 254).
+pub const LOCAL_PODS_MAX_ENTRIES: u32 = 4096;
 
 /// Key of [`MAP_VTEPS`]: an IPv4 prefix in the layout the kernel's LPM trie expects.
 ///
@@ -172,6 +202,114 @@ pub const CFG_F_DECAP_GSO: u32 = 1 << 0;
 /// 2026; not in 6.18), which makes decapsulation clear the UDP-tunnel GSO state as the vxlan
 /// driver does. The agent sets it, with [`CFG_F_DECAP_GSO`], when the probe finds the flag.
 pub const CFG_F_DECAP_L4_UDP: u32 = 1 << 1;
+
+/// [`DatapathConfig::flags`] bit: the pod fast path is on (vxlan option `PodFastPath`).
+/// `flannel_pod_egress` does nothing without it, and `flannel_decap` then ignores
+/// [`MAP_LOCAL_PODS`].
+pub const CFG_F_POD_FAST_PATH: u32 = 1 << 2;
+
+/// Value of [`MAP_LOCAL_PODS`]: how to deliver a decapsulated packet straight into a local
+/// pod with `bpf_redirect_peer`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalPod {
+    /// Interface index of the pod's host-side veth (a port of the pod bridge); the packet
+    /// enters the pod through its peer, the pod's `eth0`.
+    pub ifindex: u32,
+    /// MAC address of the pod's `eth0`: the inner destination MAC written on delivery.
+    pub pod_mac: [u8; 6],
+    /// MAC address of the pod bridge (the pod's gateway): the inner source MAC, as if the
+    /// host had routed the packet through the bridge.
+    pub gw_mac: [u8; 6],
+}
+
+const _: () = assert!(size_of::<LocalPod>() == 16);
+
+/// Value of [`MAP_PEER_STATS`]: what this node exchanged with one remote VTEP, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerStats {
+    /// Packets encapsulated to the VTEP (by `flannel_encap` or `flannel_pod_egress`); a GSO
+    /// packet counts once.
+    pub encap_packets: u64,
+    /// Bytes of those, outer headers included.
+    pub encap_bytes: u64,
+    /// Packets from the VTEP decapsulated by `flannel_decap`.
+    pub decap_packets: u64,
+    /// Bytes of those, as delivered (inner Ethernet frame).
+    pub decap_bytes: u64,
+}
+
+const _: () = assert!(size_of::<PeerStats>() == 32);
+
+/// Index of a counter in [`MAP_POD_STATS`] (the pod fast path); each slot is a per-CPU `u64`.
+///
+/// Every packet `flannel_pod_egress` sees is counted in exactly one of the `Egress*` packet
+/// counters. `DecapToPod*` count the part of `flannel_decap`'s [`Stat::DecapPackets`] that
+/// went straight into a pod.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PodStat {
+    /// Packets from a pod encapsulated and redirected to the underlay.
+    EgressEncapPackets = 0,
+    /// Bytes of those, as sent (outer headers included).
+    EgressEncapBytes = 1,
+    /// Passed to the bridge: not IPv4, or not to a remote pod subnet (local pods, services,
+    /// the host, the outside world), or the fast path is off.
+    EgressPassNotRemote = 2,
+    /// Passed to the bridge: to a remote subnet but not for the fast path (DirectRouting
+    /// peer, TTL about to expire, a broadcast or multicast frame, or one of the encap
+    /// program's own reasons: too big, no underlay route, unsupported GSO).
+    EgressPassKernel = 3,
+    /// Dropped: writing the headers failed after the room was made.
+    EgressDropWriteFailed = 4,
+    /// Decapsulated packets delivered straight into a local pod (`bpf_redirect_peer`).
+    DecapToPodPackets = 5,
+    /// Bytes of those (inner frame).
+    DecapToPodBytes = 6,
+}
+
+impl PodStat {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 7] = [
+        Self::EgressEncapPackets,
+        Self::EgressEncapBytes,
+        Self::EgressPassNotRemote,
+        Self::EgressPassKernel,
+        Self::EgressDropWriteFailed,
+        Self::DecapToPodPackets,
+        Self::DecapToPodBytes,
+    ];
+    /// Number of slots in [`MAP_POD_STATS`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The slot of this counter in [`MAP_POD_STATS`].
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// A stable snake_case name for metrics, logs and `flannelctl`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EgressEncapPackets => "pod_egress_encap_packets",
+            Self::EgressEncapBytes => "pod_egress_encap_bytes",
+            Self::EgressPassNotRemote => "pod_egress_pass_not_remote",
+            Self::EgressPassKernel => "pod_egress_pass_kernel",
+            Self::EgressDropWriteFailed => "pod_egress_drop_write_failed",
+            Self::DecapToPodPackets => "decap_to_pod_packets",
+            Self::DecapToPodBytes => "decap_to_pod_bytes",
+        }
+    }
+}
+
+// `ALL` must list every variant in index order, or `COUNT` under-sizes the map.
+const _: () = {
+    let mut i = 0;
+    while i < PodStat::ALL.len() {
+        assert!(PodStat::ALL[i].index() as usize == i);
+        i += 1;
+    }
+};
 
 /// Load-time configuration of the programs: the global [`GLOBAL_CONFIG`].
 ///
@@ -370,7 +508,7 @@ const _: () = {
     }
 };
 
-// SAFETY (all four): `#[repr(C)]`, made only of integers and byte arrays (every bit pattern
+// SAFETY (all of them): `#[repr(C)]`, made only of integers and byte arrays (every bit pattern
 // is valid), `Copy`, and without padding (the size asserts above; `DatapathConfig` names its
 // padding as a field).
 #[cfg(feature = "user")]
@@ -379,6 +517,10 @@ unsafe impl aya::Pod for VtepKey {}
 unsafe impl aya::Pod for RemoteVtep {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DatapathConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LocalPod {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerStats {}
 
 #[cfg(test)]
 mod tests {

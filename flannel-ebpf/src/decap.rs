@@ -16,18 +16,20 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS,
     },
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
-use flannel_common::{wire::ECN_CE, DatapathConfig, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP};
+use flannel_common::{
+    wire::ECN_CE, DatapathConfig, LocalPod, PodStat, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH,
+};
 
 use crate::{
-    count,
+    count, count_peer, count_pod, decrement_ttl,
     headers::{
-        ipv4_checksum, OuterHdrs, VxlanPayloadHdrs, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
-        IP_FRAG_MASK, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
+        ipv4_checksum, EthHdr, Ipv4Hdr, OuterHdrs, VxlanPayloadHdrs, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_UDP,
+        IPV4_HLEN, IP_FRAG_MASK, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
     },
-    is_known_vtep,
+    is_known_vtep, lookup_local_pod,
 };
 
 /// `bpf_skb_adjust_room` mode: remove the bytes right after the (outer) Ethernet header.
@@ -41,6 +43,9 @@ pub const FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3
 /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (bpf-next, 2026; not in our bindings nor in 6.18): also clear
 /// `skb->encapsulation` and the UDP-tunnel GSO bits, as `iptunnel_pull_offloads` does.
 pub const F_DECAP_L4_UDP: u64 = 1 << 10;
+
+/// Offset of the inner IPv4 header in a VXLAN frame (before decapsulation).
+const INNER_IP_OFFSET: usize = (ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN) as usize;
 
 /// Smallest frame `flannel_decap` can decapsulate: outer Ethernet, IPv4, UDP, VXLAN, inner
 /// Ethernet and inner IPv4 headers.
@@ -74,7 +79,12 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     if !is_known_vtep(outer.ip.saddr) {
         return Err(Stat::DecapDropUnknownVtep);
     }
-    if !is_common_case(ctx, cfg, &outer, &inner, frame_len) {
+    let pod = if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
+        local_pod(ctx)
+    } else {
+        None
+    };
+    if !is_common_case(ctx, cfg, &outer, &inner, frame_len, pod.is_some()) {
         return Err(Stat::DecapPassKernel);
     }
 
@@ -87,13 +97,58 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
         .map_err(|_| Stat::DecapPassKernel)?;
     // MAC mode removed the 50 bytes after the outer Ethernet header, i.e. the outer IPv4, UDP
     // and VXLAN headers and the inner Ethernet header: put the inner one where the outer was.
-    if ctx.store(0, &inner.inner_eth, 0).is_err() {
+    let eth = match &pod {
+        // Into the pod as the host's bridge would hand it over: from the gateway's MAC to
+        // the pod's.
+        Some((pod, _)) => EthHdr {
+            dst: pod.pod_mac,
+            src: pod.gw_mac,
+            proto: ETH_P_IP,
+        },
+        None => inner.inner_eth,
+    };
+    if ctx.store(0, &eth, 0).is_err() {
         return Err(Stat::DecapDropWriteFailed);
     }
+    if let Some((_, ip)) = &pod {
+        // The host would have routed the packet (decrementing the TTL) on its way to the pod.
+        if decrement_ttl(ctx, ETH_HLEN as usize, ip).is_err() {
+            return Err(Stat::DecapDropWriteFailed);
+        }
+    }
+    let len = u64::from(ctx.len());
     count(Stat::DecapPackets, 1);
-    count(Stat::DecapBytes, u64::from(ctx.len()));
-    // SAFETY: the helper has no memory arguments.
-    Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+    count(Stat::DecapBytes, len);
+    count_peer(outer.ip.saddr, |stats| {
+        stats.decap_packets += 1;
+        stats.decap_bytes += len;
+    });
+    match pod {
+        Some((pod, _)) => {
+            count_pod(PodStat::DecapToPodPackets, 1);
+            count_pod(PodStat::DecapToPodBytes, len);
+            // Straight into the pod's namespace: the packet appears on the ingress of the
+            // veth's peer (the pod's eth0) without a trip through the host's stack, the bridge
+            // or the veth's transmit path. On 6.15+ the kernel scrubs the skb and sets
+            // PACKET_HOST on the way (commit c4327229948879814229b46aa26a750718888503).
+            // SAFETY: the helper has no memory arguments.
+            Ok(unsafe { bpf_redirect_peer(pod.ifindex, 0) } as i32)
+        }
+        // SAFETY: the helper has no memory arguments.
+        None => Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) } as i32),
+    }
+}
+
+/// The local pod the inner packet is addressed to, with the inner IPv4 header, when the pod
+/// fast path can deliver it: a pod in `FLANNEL_LOCAL_PODS` and a TTL that survives one more
+/// hop (else the kernel path sends the ICMP error).
+#[inline(always)]
+fn local_pod(ctx: &TcContext) -> Option<(LocalPod, Ipv4Hdr)> {
+    let ip: Ipv4Hdr = ctx.load(INNER_IP_OFFSET).ok()?;
+    if ip.version_ihl >> 4 != 4 || ip.ttl <= 1 {
+        return None;
+    }
+    lookup_local_pod(ip.daddr).map(|pod| (pod, ip))
 }
 
 /// UDP over IPv4 without options, not a fragment, to our VTEP address and VXLAN port: what
@@ -117,6 +172,7 @@ fn is_common_case(
     outer: &OuterHdrs,
     inner: &VxlanPayloadHdrs,
     frame_len: u32,
+    to_pod: bool,
 ) -> bool {
     // SAFETY: reading a field of the context the kernel passed in; the verifier allows reading
     // `gso_size` from TC programs.
@@ -141,6 +197,8 @@ fn is_common_case(
         && inner.inner_version_ihl >> 4 == 4
         && inner.inner_eth.dst == cfg.vtep_mac
         && inner.inner_eth.src != cfg.vtep_mac
-        // GRO aggregates: see CFG_F_DECAP_GSO.
-        && (gso_size == 0 || cfg.flags & CFG_F_DECAP_GSO != 0)
+        // GRO aggregates: see CFG_F_DECAP_GSO. Delivered straight into a pod, an aggregate
+        // ends in the pod's own TCP/UDP receive and is never segmented again, so the tunnel
+        // GSO state bpf_skb_adjust_room leaves on it is harmless there.
+        && (gso_size == 0 || to_pod || cfg.flags & CFG_F_DECAP_GSO != 0)
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
     helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh},
     programs::TcContext,
@@ -23,7 +23,7 @@ use flannel_common::{
 };
 
 use crate::{
-    count,
+    count, count_peer, decrement_ttl,
     headers::{
         ipv4_checksum, EthHdr, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_TCP,
         IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_ENCAP_LEN, VXLAN_FLAGS_I,
@@ -70,24 +70,50 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
         // Loaded without a configuration (DatapathConfig::ZERO): do nothing.
         return Err(Stat::EncapPassNoVtep);
     }
-    let inner_eth: EthHdr = ctx.load(0).map_err(|_| Stat::EncapPassNotIpv4)?;
-    if inner_eth.proto != ETH_P_IP {
-        return Err(Stat::EncapPassNotIpv4);
-    }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN as usize).map_err(|_| Stat::EncapPassNotIpv4)?;
-    if ip.version_ihl >> 4 != 4 {
-        return Err(Stat::EncapPassNotIpv4);
-    }
+    let (inner_eth, ip) = ipv4_headers(ctx).ok_or(Stat::EncapPassNotIpv4)?;
     let vtep = lookup_vtep(ip.daddr).ok_or(Stat::EncapPassNoVtep)?;
     if vtep.flags & VTEP_F_DIRECT_ROUTING != 0 {
         return Err(Stat::EncapPassDirectRouting);
     }
+    let (action, len) = encap_to(ctx, cfg, &vtep, &inner_eth, &ip, false)?;
+    count(Stat::EncapPackets, 1);
+    count(Stat::EncapBytes, u64::from(len));
+    Ok(action)
+}
 
+/// The Ethernet and IPv4 headers of an IPv4 frame; `None` for anything else.
+#[inline(always)]
+pub fn ipv4_headers(ctx: &TcContext) -> Option<(EthHdr, Ipv4Hdr)> {
+    let inner_eth: EthHdr = ctx.load(0).ok()?;
+    if inner_eth.proto != ETH_P_IP {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN as usize).ok()?;
+    if ip.version_ihl >> 4 != 4 {
+        return None;
+    }
+    Some((inner_eth, ip))
+}
+
+/// Encapsulates the IPv4 frame (headers `inner_eth` and `ip`) for `vtep` and redirects it to
+/// the underlay: the part both `flannel_encap` and `flannel_pod_egress` share. Returns the
+/// verdict and the length sent, having counted the peer; the caller counts its own
+/// outcome. `Err` is why the packet is passed on unchanged, or dropped
+/// ([`Stat::EncapDropWriteFailed`]).
+#[inline(always)]
+pub fn encap_to(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    vtep: &RemoteVtep,
+    inner_eth: &EthHdr,
+    ip: &Ipv4Hdr,
+    forward: bool,
+) -> Result<(i32, u32), Stat> {
     let frame_len = ctx.len();
     // The outer IPv4 total length of the packet as it is, and of each segment the GSO engine
     // will cut it into; the second is what has to fit the underlay MTU.
     let outer_len = frame_len - ETH_HLEN + VXLAN_ENCAP_LEN;
-    let segment_outer_len = segment_l3_len(ctx, &ip, frame_len)? + VXLAN_ENCAP_LEN;
+    let segment_outer_len = segment_l3_len(ctx, ip, frame_len)? + VXLAN_ENCAP_LEN;
     if outer_len > IP_MAX_LEN {
         return Err(Stat::EncapPassTooBig);
     }
@@ -97,19 +123,26 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     // SAFETY: the helper only reads the skb the context points to.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let src_port = flow_src_port(hash, cfg.src_port_min, cfg.src_port_max);
-    let egress = route(ctx, cfg, &vtep, src_port, segment_outer_len)?;
+    let egress = route(ctx, cfg, vtep, src_port, segment_outer_len)?;
 
-    let headers = build_headers(cfg, &vtep, &inner_eth, &ip, src_port, outer_len);
+    let headers = build_headers(cfg, vtep, inner_eth, ip, src_port, outer_len);
     ctx.adjust_room(ADJUST_LEN as i32, MODE, FLAGS)
         .map_err(|_| Stat::EncapPassUnsupported)?;
     if ctx.store(0, &headers, 0).is_err() {
         // The room is made but the headers are not written: the packet cannot go anywhere.
-        count(Stat::EncapDropWriteFailed, 1);
-        return Ok(TC_ACT_SHOT);
+        return Err(Stat::EncapDropWriteFailed);
     }
-    count(Stat::EncapPackets, 1);
-    count(Stat::EncapBytes, u64::from(ctx.len()));
-    Ok(redirect(egress))
+    // A packet taken straight from a pod was not routed by the host, which would have
+    // decremented its TTL; do it here, once the packet can no longer go back to the kernel.
+    if forward && decrement_ttl(ctx, (ETH_HLEN + VXLAN_ENCAP_LEN) as usize, ip).is_err() {
+        return Err(Stat::EncapDropWriteFailed);
+    }
+    let len = ctx.len();
+    count_peer(vtep.vtep_ip, |stats| {
+        stats.encap_packets += 1;
+        stats.encap_bytes += u64::from(len);
+    });
+    Ok((redirect(egress), len))
 }
 
 /// The inner IPv4 length of one segment: the whole packet, or for a GSO packet one

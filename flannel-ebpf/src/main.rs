@@ -18,20 +18,23 @@
 mod decap;
 mod encap;
 mod headers;
+mod pod;
 
 use core::mem::{offset_of, size_of};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
     Global,
 };
 use flannel_common::{
-    DatapathConfig, RemoteVtep, Stat, VtepKey, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP,
-    PROBE_RESULT_BASE, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
+    DatapathConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, VtepKey, LOCAL_PODS_MAX_ENTRIES,
+    PEER_STATS_MAX_ENTRIES, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP, PROBE_RESULT_BASE,
+    VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
+use headers::Ipv4Hdr;
 
 /// Remote pod subnet -> VTEP, longest prefix wins. Filled by the agent from the leases.
 ///
@@ -49,6 +52,25 @@ static FLANNEL_VTEP_ADDRS: HashMap<[u8; 4], u32, { VTEP_ADDRS_MAX_ENTRIES as usi
 /// Datapath counters, one `u64` per CPU per [`Stat`], summed by the agent.
 #[btf_map]
 static FLANNEL_STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-peer counters: VTEP address -> what was encapsulated to and decapsulated from it, per
+/// CPU. The agent creates and removes the entries with the addresses of `FLANNEL_VTEP_ADDRS`.
+#[btf_map]
+static FLANNEL_PEER_STATS: PerCpuHashMap<
+    [u8; 4],
+    PeerStats,
+    { PEER_STATS_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+/// The pod fast path's local pods: pod IPv4 address -> host-side veth and MACs. Filled by the
+/// agent; a pod without an entry takes the kernel's path.
+#[btf_map]
+static FLANNEL_LOCAL_PODS: HashMap<[u8; 4], LocalPod, { LOCAL_PODS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// The pod fast path's counters, one `u64` per CPU per [`PodStat`].
+#[btf_map]
+static FLANNEL_POD_STATS: PerCpuArray<u64, { PodStat::COUNT as usize }> = PerCpuArray::new();
 
 /// The node's configuration, set by the agent at load time (`EbpfLoader::override_global`).
 /// It lives in `.rodata`, which aya freezes, so the verifier sees constants.
@@ -70,6 +92,23 @@ pub fn flannel_encap(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn flannel_decap(ctx: TcContext) -> i32 {
     verdict(decap::decap(&ctx, &FLANNEL_CONFIG.load()))
+}
+
+/// TC ingress of a local pod's host-side veth (the pod fast path): encapsulates packets for
+/// remote pod subnets and sends them straight to the underlay.
+#[classifier]
+pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
+    match pod::pod_egress(&ctx, &FLANNEL_CONFIG.load()) {
+        Ok(action) => action,
+        Err(stat) => {
+            count_pod(stat, 1);
+            if matches!(stat, PodStat::EgressDropWriteFailed) {
+                TC_ACT_SHOT
+            } else {
+                TC_ACT_OK
+            }
+        }
+    }
 }
 
 /// Never attached. Run with `BPF_PROG_TEST_RUN` on an Ethernet/IPv4 frame of at least 150
@@ -131,6 +170,45 @@ fn lookup_vtep(daddr: [u8; 4]) -> Option<RemoteVtep> {
 #[inline(always)]
 fn is_known_vtep(addr: [u8; 4]) -> bool {
     FLANNEL_VTEP_ADDRS.get_ptr(addr).is_some()
+}
+
+/// The fast-path entry of a local pod.
+#[inline(always)]
+fn lookup_local_pod(addr: [u8; 4]) -> Option<LocalPod> {
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    unsafe { FLANNEL_LOCAL_PODS.get(addr) }.copied()
+}
+
+/// Updates this CPU's counters of the peer at `vtep_ip`, if the agent created its entry.
+#[inline(always)]
+fn count_peer(vtep_ip: [u8; 4], update: impl FnOnce(&mut PeerStats)) {
+    if let Some(stats) = FLANNEL_PEER_STATS.get_ptr_mut(vtep_ip) {
+        // SAFETY: this CPU's value of a per-CPU hash; see `count` for why nothing else writes
+        // it. The agent only creates and deletes entries, and a deleted entry's memory stays
+        // valid until the program ends (RCU).
+        update(unsafe { &mut *stats })
+    }
+}
+
+/// Adds `n` to this CPU's slot of the pod fast path counter `stat`.
+#[inline(always)]
+fn count_pod(stat: PodStat, n: u64) {
+    if let Some(slot) = FLANNEL_POD_STATS.get_ptr_mut(stat.index()) {
+        // SAFETY: as in `count`.
+        unsafe { *slot += n }
+    }
+}
+
+/// Decrements the TTL of the IPv4 header `ip` that sits at `offset` in the packet, fixing its
+/// checksum, as a router forwarding it would. The caller has checked that the TTL is above 1.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, offset: usize, ip: &Ipv4Hdr) -> Result<(), i64> {
+    // TTL and protocol form one 16-bit word of the checksum; the helper takes the old and new
+    // word as they are in memory.
+    let old = u16::from_ne_bytes([ip.ttl, ip.protocol]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.protocol]);
+    ctx.store(offset + 8, &(ip.ttl - 1), 0)?;
+    ctx.l3_csum_replace(offset + 10, u64::from(old), u64::from(new), 2)
 }
 
 /// Adds `n` to this CPU's slot of `stat`.

@@ -142,24 +142,31 @@ fn peers_cmd(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<u8> {
             .and_then(Value::as_str)
             .map(PathBuf::from)
     });
-    let (map, counters) = match (&pin_dir, ebpf) {
+    let (map, counters, peer_stats) = match (&pin_dir, ebpf) {
         (Some(dir), true) => {
             let vteps = dataplane::pinned_vteps(dir)
                 .with_context(|| format!("reading the pinned FLANNEL_VTEPS under {}", dir.display()))?;
-            let counters: serde_json::Map<String, Value> = dataplane::pinned_counters(dir)
+            let mut counters: serde_json::Map<String, Value> = dataplane::pinned_counters(dir)
                 .with_context(|| format!("reading the pinned FLANNEL_STATS under {}", dir.display()))?
                 .iter()
                 .map(|(stat, v)| (stat.name().to_owned(), Value::from(v)))
                 .collect();
-            (Some(vteps), counters)
+            // Pins of an agent from before the pod fast path have no FLANNEL_POD_STATS.
+            if let Ok(pod) = dataplane::pinned_pod_counters(dir) {
+                counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+            }
+            let peer_stats = dataplane::pinned_peer_counters(dir)
+                .with_context(|| format!("reading the pinned FLANNEL_PEER_STATS under {}", dir.display()))?;
+            (Some(vteps), counters, peer_stats)
         }
-        _ => (None, serde_json::Map::new()),
+        _ => (None, serde_json::Map::new(), Default::default()),
     };
-    let rows = peers::compare(&leases, map.as_deref());
+    let mut rows = peers::compare(&leases, map.as_deref());
+    peers::add_counters(&mut rows, &peer_stats);
     let drift = peers::drift(&rows);
     let mut text = peers::table(&rows);
     if !counters.is_empty() {
-        text.push_str("\ncounters (all peers; the maps have no per-peer counters):\n");
+        text.push_str("\nnode counters (all peers):\n");
         for (name, v) in counters.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
             text.push_str(&format!("  {name:<30} {v}\n"));
         }

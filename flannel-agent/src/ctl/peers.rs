@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use flannel_common::{RemoteVtep, VTEP_F_DIRECT_ROUTING};
+use flannel_common::{PeerStats, RemoteVtep, VTEP_F_DIRECT_ROUTING};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
@@ -49,6 +49,30 @@ impl From<&RemoteVtep> for MapEntry {
     }
 }
 
+/// What this node exchanged with a peer's VTEP, from `FLANNEL_PEER_STATS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PeerCounters {
+    /// Packets encapsulated to the VTEP in BPF.
+    pub encap_packets: u64,
+    /// Their bytes, outer headers included.
+    pub encap_bytes: u64,
+    /// Packets from the VTEP decapsulated in BPF.
+    pub decap_packets: u64,
+    /// Their bytes (inner frames).
+    pub decap_bytes: u64,
+}
+
+impl From<&PeerStats> for PeerCounters {
+    fn from(s: &PeerStats) -> Self {
+        Self {
+            encap_packets: s.encap_packets,
+            encap_bytes: s.encap_bytes,
+            decap_packets: s.decap_packets,
+            decap_bytes: s.decap_bytes,
+        }
+    }
+}
+
 /// One row of `flannelctl peers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Row {
@@ -62,6 +86,21 @@ pub struct Row {
     pub state: State,
     /// What differs, for [`State::Mismatch`].
     pub detail: String,
+    /// The per-peer counters of the row's VTEP (the map entry's address, else the lease's),
+    /// when the datapath has them. Peers sharing a VTEP share its counters.
+    pub counters: Option<PeerCounters>,
+}
+
+/// Fills in each row's per-peer counters from `stats` (by VTEP address).
+pub fn add_counters(rows: &mut [Row], stats: &BTreeMap<Ipv4Addr, PeerStats>) {
+    for row in rows {
+        let vtep = row
+            .map
+            .as_ref()
+            .map(|m| m.vtep_ip)
+            .or_else(|| row.lease.as_ref().map(|l| l.public_ip));
+        row.counters = vtep.and_then(|ip| stats.get(&ip)).map(PeerCounters::from);
+    }
 }
 
 /// Compares the agent's peers with the map entries; `map` is `None` for the kernel datapath.
@@ -82,6 +121,7 @@ pub fn compare(peers: &[PeerView], map: Option<&[(Ipv4Net, RemoteVtep)]>) -> Vec
                 map: None,
                 state,
                 detail: String::new(),
+                counters: None,
             },
         );
     }
@@ -93,6 +133,7 @@ pub fn compare(peers: &[PeerView], map: Option<&[(Ipv4Net, RemoteVtep)]>) -> Vec
             map: None,
             state: State::NoLease,
             detail: String::new(),
+            counters: None,
         });
         if let Some(lease) = &row.lease {
             let mut diffs = Vec::new();
@@ -137,9 +178,13 @@ pub fn table(rows: &[Row]) -> String {
         "LEASE VTEP-MAC",
         "MAP VTEP-IP",
         "MAP VTEP-MAC",
+        "ENCAP PKTS",
+        "ENCAP BYTES",
+        "DECAP PKTS",
+        "DECAP BYTES",
         "STATE",
     ];
-    let mut cells: Vec<[String; 6]> = vec![header.map(str::to_owned)];
+    let mut cells: Vec<[String; 10]> = vec![header.map(str::to_owned)];
     for r in rows {
         let (ip, mac) = match &r.lease {
             Some(l) => (l.public_ip.to_string(), l.vtep_mac.clone()),
@@ -160,9 +205,13 @@ pub fn table(rows: &[Row]) -> String {
         if !r.detail.is_empty() {
             state = format!("{state}: {}", r.detail);
         }
-        cells.push([r.subnet.to_string(), ip, mac, mip, mmac, state]);
+        let [ep, eb, dp, db] = match &r.counters {
+            Some(c) => [c.encap_packets, c.encap_bytes, c.decap_packets, c.decap_bytes].map(|v| v.to_string()),
+            None => ["-", "-", "-", "-"].map(str::to_owned),
+        };
+        cells.push([r.subnet.to_string(), ip, mac, mip, mmac, ep, eb, dp, db, state]);
     }
-    let widths: Vec<usize> = (0..5)
+    let widths: Vec<usize> = (0..9)
         .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -170,7 +219,7 @@ pub fn table(rows: &[Row]) -> String {
         for (i, w) in widths.iter().enumerate() {
             let _ = write!(out, "{:<w$}  ", c[i], w = *w);
         }
-        let _ = writeln!(out, "{}", c[5]);
+        let _ = writeln!(out, "{}", c[9]);
     }
     out
 }
@@ -211,7 +260,22 @@ mod tests {
                 RemoteVtep::new([198, 18, 0, 4].into(), mac.0, 0),
             ),
         ];
-        let rows = compare(&peers, Some(&map));
+        let mut rows = compare(&peers, Some(&map));
+        let stats = BTreeMap::from([(
+            Ipv4Addr::new(198, 18, 0, 1),
+            PeerStats {
+                encap_packets: 3,
+                encap_bytes: 300,
+                decap_packets: 4,
+                decap_bytes: 400,
+            },
+        )]);
+        add_counters(&mut rows, &stats);
+        assert_eq!(
+            rows[0].counters.map(|c| (c.encap_packets, c.decap_bytes)),
+            Some((3, 400))
+        );
+        assert_eq!(rows[1].counters, None, "no counters for 198.18.0.2");
         let states: Vec<State> = rows.iter().map(|r| r.state).collect();
         assert_eq!(
             states,
@@ -221,6 +285,7 @@ mod tests {
         assert_eq!(drift(&rows), 3);
         let text = table(&rows);
         assert!(text.starts_with("SUBNET") && text.contains("no_lease"), "{text}");
+        assert!(text.contains("ENCAP PKTS") && text.contains(" 300 "), "{text}");
         assert!(compare(&peers, None).iter().all(|r| r.state == State::Kernel));
     }
 }

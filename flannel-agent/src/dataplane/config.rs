@@ -42,6 +42,9 @@ pub struct DatapathConfig {
     pub gso_decap: GsoDecap,
     /// How to attach.
     pub attach: AttachMode,
+    /// The pod fast path (vxlan option `PodFastPath`): `flannel_pod_egress` on pod veths and
+    /// delivery of decapsulated packets straight into local pods.
+    pub pod_fast_path: bool,
     /// The outer UDP source port range `[min, max)`; `None` copies
     /// `net.ipv4.ip_local_port_range`, which is what a vxlan device with `srcport 0 0` (as
     /// flannel creates it) uses.
@@ -62,6 +65,7 @@ impl DatapathConfig {
             decap: true,
             gso_decap: GsoDecap::Auto,
             attach: AttachMode::Auto,
+            pod_fast_path: false,
             src_port_range: None,
         }
     }

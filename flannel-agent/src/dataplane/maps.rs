@@ -6,8 +6,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
-use flannel_common::{RemoteVtep, Stat, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS};
+use aya::maps::{
+    lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
+use flannel_common::{
+    LocalPod, PeerStats, PodStat, RemoteVtep, Stat, MAP_LOCAL_PODS, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS,
+    MAP_VTEPS, MAP_VTEP_ADDRS,
+};
 use ipnet::Ipv4Net;
 
 use super::DataplaneError;
@@ -16,6 +21,10 @@ use super::DataplaneError;
 type VtepTrie = LpmTrie<MapData, [u8; 4], RemoteVtep>;
 /// `FLANNEL_VTEP_ADDRS` as aya addresses it.
 type AddrHash = BpfHashMap<MapData, [u8; 4], u32>;
+/// `FLANNEL_PEER_STATS` as aya addresses it.
+pub type PeerStatsHash = PerCpuHashMap<MapData, [u8; 4], PeerStats>;
+/// `FLANNEL_LOCAL_PODS` as aya addresses it.
+type PodHash = BpfHashMap<MapData, [u8; 4], LocalPod>;
 
 /// Wraps an aya map error with what was being done to which map.
 fn map_error(
@@ -65,6 +74,8 @@ pub struct VtepTable {
     trie: VtepTrie,
     /// `FLANNEL_VTEP_ADDRS`.
     addrs: AddrHash,
+    /// `FLANNEL_PEER_STATS`: an entry per address of `addrs`.
+    peer_stats: PeerStatsHash,
     /// What `trie` holds.
     entries: BTreeMap<Ipv4Net, RemoteVtep>,
     /// How many entries name each VTEP address: what `addrs` holds.
@@ -72,11 +83,14 @@ pub struct VtepTable {
 }
 
 impl VtepTable {
-    /// Takes over the two maps (possibly pinned by an earlier run, with entries) and repairs
-    /// `FLANNEL_VTEP_ADDRS` to match `FLANNEL_VTEPS`, which is the one that counts.
-    pub fn new(trie: Map, addrs: Map) -> Result<Self, DataplaneError> {
+    /// Takes over the three maps (possibly pinned by an earlier run, with entries) and repairs
+    /// `FLANNEL_VTEP_ADDRS` and `FLANNEL_PEER_STATS` to match `FLANNEL_VTEPS`, which is the
+    /// one that counts. Counters of peers that stay are kept.
+    pub fn new(trie: Map, addrs: Map, peer_stats: Map) -> Result<Self, DataplaneError> {
         let trie = VtepTrie::try_from(trie).map_err(map_error("open", MAP_VTEPS, "as an LPM trie"))?;
         let mut addrs = AddrHash::try_from(addrs).map_err(map_error("open", MAP_VTEP_ADDRS, "as a hash"))?;
+        let mut peer_stats =
+            PeerStatsHash::try_from(peer_stats).map_err(map_error("open", MAP_PEER_STATS, "as a per-CPU hash"))?;
         let entries: BTreeMap<_, _> = read_vteps(&trie)?.into_iter().collect();
         let mut refs = HashMap::new();
         for vtep in entries.values() {
@@ -102,12 +116,33 @@ impl VtepTable {
                     .map_err(map_error("insert", MAP_VTEP_ADDRS, addr.to_string()))?;
             }
         }
+        let mut stale = Vec::new();
+        for key in peer_stats.keys() {
+            let key = key.map_err(map_error("read", MAP_PEER_STATS, "keys"))?;
+            if !refs.contains_key(&Ipv4Addr::from(key)) {
+                stale.push(key);
+            }
+        }
+        for key in stale {
+            remove_peer_stats(&mut peer_stats, Ipv4Addr::from(key))?;
+        }
+        for addr in refs.keys() {
+            if peer_stats.get(&addr.octets(), 0).is_err() {
+                create_peer_stats(&mut peer_stats, *addr)?;
+            }
+        }
         Ok(Self {
             trie,
             addrs,
+            peer_stats,
             entries,
             refs,
         })
+    }
+
+    /// The per-peer counters, summed over CPUs, by VTEP address.
+    pub fn peer_counters(&self) -> Result<BTreeMap<Ipv4Addr, PeerStats>, DataplaneError> {
+        read_peer_counters(&self.peer_stats)
     }
 
     /// The entries, from the agent's copy.
@@ -155,9 +190,13 @@ impl VtepTable {
         Ok(true)
     }
 
-    /// One more entry names `addr`.
+    /// One more entry names `addr`. A new address gets its (zero) counters before the
+    /// programs can see it.
     fn add_ref(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
         let count = self.refs.get(&addr).copied().unwrap_or(0) + 1;
+        if count == 1 {
+            create_peer_stats(&mut self.peer_stats, addr)?;
+        }
         self.addrs
             .insert(addr.octets(), count, 0)
             .map_err(map_error("insert", MAP_VTEP_ADDRS, addr.to_string()))?;
@@ -174,6 +213,7 @@ impl VtepTable {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(source) => return Err(map_error("remove", MAP_VTEP_ADDRS, addr.to_string())(source)),
                 }
+                remove_peer_stats(&mut self.peer_stats, addr)?;
                 self.refs.remove(&addr);
                 Ok(())
             }
@@ -188,6 +228,134 @@ impl VtepTable {
             }
         }
     }
+}
+
+/// Creates the zeroed counters of the peer at `addr` (replacing any).
+fn create_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Map {
+        op: "size",
+        map: MAP_PEER_STATS,
+        object: format!("the counters of {addr} (number of possible CPUs)"),
+        source: Box::new(MapError::IoError(source)),
+    })?;
+    let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus]).map_err(|source| DataplaneError::Map {
+        op: "insert",
+        map: MAP_PEER_STATS,
+        object: addr.to_string(),
+        source: Box::new(MapError::IoError(source)),
+    })?;
+    map.insert(addr.octets(), zero, 0)
+        .map_err(map_error("insert", MAP_PEER_STATS, addr.to_string()))
+}
+
+/// Removes the counters of the peer at `addr` (none is fine).
+fn remove_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+    match map.remove(&addr.octets()) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(map_error("remove", MAP_PEER_STATS, addr.to_string())(source)),
+    }
+}
+
+/// Reads a `FLANNEL_PEER_STATS` map, summing each peer's per-CPU values.
+pub fn read_peer_counters(map: &PeerStatsHash) -> Result<BTreeMap<Ipv4Addr, PeerStats>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (key, values) = entry.map_err(map_error("read", MAP_PEER_STATS, "entries"))?;
+        let sum = values.iter().fold(PeerStats::default(), |a, v| PeerStats {
+            encap_packets: a.encap_packets + v.encap_packets,
+            encap_bytes: a.encap_bytes + v.encap_bytes,
+            decap_packets: a.decap_packets + v.decap_packets,
+            decap_bytes: a.decap_bytes + v.decap_bytes,
+        });
+        out.insert(Ipv4Addr::from(key), sum);
+    }
+    Ok(out)
+}
+
+/// The pod fast path's table of local pods (`FLANNEL_LOCAL_PODS`), with the agent's copy.
+pub struct PodTable {
+    /// The map.
+    map: PodHash,
+    /// What it holds.
+    entries: BTreeMap<Ipv4Addr, LocalPod>,
+}
+
+impl PodTable {
+    /// Takes over the map (possibly pinned, with entries).
+    pub fn new(map: Map) -> Result<Self, DataplaneError> {
+        let map = PodHash::try_from(map).map_err(map_error("open", MAP_LOCAL_PODS, "as a hash"))?;
+        let mut entries = BTreeMap::new();
+        for entry in map.iter() {
+            let (key, pod) = entry.map_err(map_error("read", MAP_LOCAL_PODS, "entries"))?;
+            entries.insert(Ipv4Addr::from(key), pod);
+        }
+        Ok(Self { map, entries })
+    }
+
+    /// The entries, from the agent's copy.
+    pub fn entries(&self) -> &BTreeMap<Ipv4Addr, LocalPod> {
+        &self.entries
+    }
+
+    /// Makes the map hold exactly `desired`; returns how many entries changed.
+    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Addr, LocalPod>) -> Result<usize, DataplaneError> {
+        let stale: Vec<Ipv4Addr> = self
+            .entries
+            .keys()
+            .filter(|ip| !desired.contains_key(ip))
+            .copied()
+            .collect();
+        let mut changed = 0;
+        for ip in stale {
+            match self.map.remove(&ip.octets()) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_error("remove", MAP_LOCAL_PODS, ip.to_string())(source)),
+            }
+            self.entries.remove(&ip);
+            changed += 1;
+        }
+        for (ip, pod) in desired {
+            if self.entries.get(ip) != Some(pod) {
+                self.map
+                    .insert(ip.octets(), pod, 0)
+                    .map_err(map_error("insert", MAP_LOCAL_PODS, ip.to_string()))?;
+                self.entries.insert(*ip, *pod);
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// The pod fast path's counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// One value per [`PodStat`], in index order.
+    values: [u64; PodStat::COUNT as usize],
+}
+
+impl PodCounters {
+    /// The value of one counter.
+    pub fn get(&self, stat: PodStat) -> u64 {
+        self.values[stat.index() as usize]
+    }
+
+    /// Every counter with its value, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (PodStat, u64)> + '_ {
+        PodStat::ALL.into_iter().map(|stat| (stat, self.get(stat)))
+    }
+}
+
+/// Reads and sums the per-CPU counters of a `FLANNEL_POD_STATS` map.
+pub fn read_pod_counters(stats: &PerCpuArray<MapData, u64>) -> Result<PodCounters, DataplaneError> {
+    let mut counters = PodCounters::default();
+    for stat in PodStat::ALL {
+        let values = stats
+            .get(&stat.index(), 0)
+            .map_err(map_error("read", MAP_POD_STATS, stat.name()))?;
+        counters.values[stat.index() as usize] = values.iter().sum();
+    }
+    Ok(counters)
 }
 
 /// Datapath counters, summed over CPUs.
@@ -227,7 +395,8 @@ pub fn open_pinned(path: &std::path::Path, name: &'static str) -> Result<Map, Da
     let data = MapData::from_pin(path).map_err(map_error("open pinned", name, path.display().to_string()))?;
     Ok(match name {
         MAP_VTEPS => Map::LpmTrie(data),
-        MAP_STATS => Map::PerCpuArray(data),
+        MAP_STATS | MAP_POD_STATS => Map::PerCpuArray(data),
+        MAP_PEER_STATS => Map::PerCpuHashMap(data),
         _ => Map::HashMap(data),
     })
 }

@@ -38,19 +38,21 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use flannel_common::{
-    DatapathConfig as ProgramConfig, RemoteVtep, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, GLOBAL_CONFIG, MAP_NAMES,
-    MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, PIN_SUBDIR, PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, VTEPS_MAX_ENTRIES,
-    VTEP_ADDRS_MAX_ENTRIES,
+    DatapathConfig as ProgramConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, CFG_F_DECAP_GSO,
+    CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH, GLOBAL_CONFIG, LOCAL_PODS_MAX_ENTRIES, MAP_LOCAL_PODS, MAP_NAMES,
+    MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, PEER_STATS_MAX_ENTRIES, PIN_SUBDIR,
+    PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, PROG_POD_EGRESS, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
 use ipnet::Ipv4Net;
-use tracing::info;
+use std::net::Ipv4Addr;
+use tracing::{debug, info, warn};
 
 pub use attach::{AttachMode, NL_HANDLE, NL_PRIORITY};
 #[cfg(test)]
 use config::parse_port_range;
 use config::{default_ttl, ifindex, local_port_range};
 pub use config::{DatapathConfig, GsoDecap};
-pub use maps::Counters;
+pub use maps::{Counters, PodCounters};
 pub use probe::{probe, ProbeError, ProbeFeature, ProbeOptions, ProbeReport};
 
 /// The object built from flannel-ebpf by build.rs, aligned as aya's ELF parser requires.
@@ -181,6 +183,15 @@ pub struct Datapath {
     vteps: maps::VtepTable,
     /// `FLANNEL_STATS`.
     stats: PerCpuArray<MapData, u64>,
+    /// `FLANNEL_LOCAL_PODS`.
+    pods: maps::PodTable,
+    /// `FLANNEL_POD_STATS`.
+    pod_stats: PerCpuArray<MapData, u64>,
+    /// The pod fast path is on.
+    pod_fast_path: bool,
+    /// The pod veths (by index) `flannel_pod_egress` has been attached to by this
+    /// `Datapath`, with their names.
+    pod_ports: BTreeMap<u32, String>,
     /// `<pin-dir>/v1`.
     dir: PathBuf,
     /// The configuration the programs were loaded with.
@@ -234,7 +245,9 @@ impl Datapath {
             vni: config.vni,
             vxlan_ifindex,
             uplink_ifindex,
-            flags: if gso { CFG_F_DECAP_GSO } else { 0 } | if probe.decap_l4_udp { CFG_F_DECAP_L4_UDP } else { 0 },
+            flags: if gso { CFG_F_DECAP_GSO } else { 0 }
+                | if probe.decap_l4_udp { CFG_F_DECAP_L4_UDP } else { 0 }
+                | if config.pod_fast_path { CFG_F_POD_FAST_PATH } else { 0 },
             vtep_mac: config.vtep_mac,
             port: config.port,
             src_port_min,
@@ -268,13 +281,20 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingNames { missing: vec![name] })
         };
-        let vteps = maps::VtepTable::new(take(&mut ebpf, MAP_VTEPS)?, take(&mut ebpf, MAP_VTEP_ADDRS)?)?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?).map_err(|source| DataplaneError::Map {
-            op: "open",
-            map: MAP_STATS,
-            object: "as a per-CPU array".into(),
-            source: Box::new(source),
-        })?;
+        let vteps = maps::VtepTable::new(
+            take(&mut ebpf, MAP_VTEPS)?,
+            take(&mut ebpf, MAP_VTEP_ADDRS)?,
+            take(&mut ebpf, MAP_PEER_STATS)?,
+        )?;
+        let stats = per_cpu_array(take(&mut ebpf, MAP_STATS)?, MAP_STATS)?;
+        let pod_stats = per_cpu_array(take(&mut ebpf, MAP_POD_STATS)?, MAP_POD_STATS)?;
+        let mut pods = maps::PodTable::new(take(&mut ebpf, MAP_LOCAL_PODS)?)?;
+        if !config.pod_fast_path {
+            // Left by a run with the fast path on; the programs ignore it now, but keep the map
+            // honest for bpftool and flannelctl.
+            pods.sync(&BTreeMap::new())?;
+            detach_pod_ports(&dir, &BTreeSet::new())?;
+        }
         let mode = config.attach.resolve();
 
         let encap = attach::Hook::new(PROG_ENCAP, &config.vxlan_dev, TcAttachType::Egress, &dir);
@@ -298,10 +318,15 @@ impl Datapath {
             vteps = vteps.entries().len(),
             "eBPF datapath attached"
         );
+        program(&mut ebpf, PROG_POD_EGRESS)?;
         Ok(Self {
             ebpf,
             vteps,
             stats,
+            pods,
+            pod_stats,
+            pod_fast_path: config.pod_fast_path,
+            pod_ports: BTreeMap::new(),
             dir,
             program_config,
             mode,
@@ -364,6 +389,71 @@ impl Datapath {
         maps::read_counters(&self.stats)
     }
 
+    /// The per-peer counters, summed over CPUs, by VTEP address.
+    pub fn peer_counters(&self) -> Result<BTreeMap<Ipv4Addr, PeerStats>, DataplaneError> {
+        self.vteps.peer_counters()
+    }
+
+    /// The pod fast path's counters, summed over CPUs.
+    pub fn pod_counters(&self) -> Result<PodCounters, DataplaneError> {
+        maps::read_pod_counters(&self.pod_stats)
+    }
+
+    /// Whether the pod fast path is on.
+    pub fn pod_fast_path(&self) -> bool {
+        self.pod_fast_path
+    }
+
+    /// Pod fast path: attaches `flannel_pod_egress` to the ingress of each pod veth in
+    /// `ports` (index -> name) it is not yet attached to by this `Datapath` (replacing, without
+    /// a gap, what an earlier agent attached), and releases the attachments of veths that are
+    /// gone. Returns how many attachments changed. Does nothing with the fast path off.
+    ///
+    /// A veth that cannot be attached (it vanished meanwhile) is skipped with a warning: its
+    /// pod keeps the kernel path, and the next call tries again.
+    pub fn sync_pod_ports(&mut self, ports: &BTreeMap<u32, String>) -> Result<usize, DataplaneError> {
+        if !self.pod_fast_path {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        self.pod_ports
+            .retain(|index, name| ports.get(index).is_some_and(|now| now == name));
+        for (index, name) in ports {
+            if self.pod_ports.contains_key(index) {
+                continue;
+            }
+            let hook = pod_hook(&self.dir, *index, name);
+            let prog = program(&mut self.ebpf, PROG_POD_EGRESS)?;
+            match attach::attach(prog, &hook, self.mode) {
+                Ok(()) => {
+                    debug!(hook = %hook.describe(), "flannel_pod_egress attached");
+                    self.pod_ports.insert(*index, name.clone());
+                    changed += 1;
+                }
+                Err(err) => {
+                    warn!(hook = %hook.describe(), error = %chain(&err), "cannot attach the pod fast path; the pod keeps the kernel path")
+                }
+            }
+        }
+        let keep: BTreeSet<u32> = self.pod_ports.keys().copied().collect();
+        changed += detach_pod_ports(&self.dir, &keep)?;
+        Ok(changed)
+    }
+
+    /// Pod fast path: makes `FLANNEL_LOCAL_PODS` hold exactly `desired` (nothing with the
+    /// fast path off). Returns how many entries changed.
+    pub fn sync_local_pods(&mut self, desired: &BTreeMap<Ipv4Addr, LocalPod>) -> Result<usize, DataplaneError> {
+        if !self.pod_fast_path {
+            return self.pods.sync(&BTreeMap::new());
+        }
+        self.pods.sync(desired)
+    }
+
+    /// The local pods as the agent last wrote them.
+    pub fn local_pods(&self) -> &BTreeMap<Ipv4Addr, LocalPod> {
+        self.pods.entries()
+    }
+
     /// Whether `flannel_decap` is attached (it waits for the first [`Datapath::sync_vteps`]
     /// on a first start, and is off when the configuration says so).
     pub fn decap_attached(&self) -> bool {
@@ -402,10 +492,15 @@ pub fn detach_all(pin_dir: &Path) -> Result<(), DataplaneError> {
         source,
     })?;
     for iface in names {
-        for (program, direction) in [(PROG_ENCAP, TcAttachType::Egress), (PROG_DECAP, TcAttachType::Ingress)] {
+        for (program, direction) in [
+            (PROG_ENCAP, TcAttachType::Egress),
+            (PROG_DECAP, TcAttachType::Ingress),
+            (PROG_POD_EGRESS, TcAttachType::Ingress),
+        ] {
             attach::detach(&attach::Hook::new(program, &iface, direction, &dir))?;
         }
     }
+    detach_pod_ports(&dir, &BTreeSet::new())?;
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -444,16 +539,113 @@ pub fn detach_all(pin_dir: &Path) -> Result<(), DataplaneError> {
     }
 }
 
+/// The hook of `flannel_pod_egress` on pod veth `index` (`name`); its TCX link is pinned as
+/// `link_flannel_pod_egress_<index>`.
+fn pod_hook(dir: &Path, index: u32, name: &str) -> attach::Hook {
+    let mut hook = attach::Hook::new(PROG_POD_EGRESS, name, TcAttachType::Ingress, dir);
+    hook.pin = dir.join(format!("{POD_LINK_PREFIX}{index}"));
+    hook
+}
+
+/// File name prefix of the pinned TCX links of `flannel_pod_egress`, followed by the veth's
+/// index.
+const POD_LINK_PREFIX: &str = "link_flannel_pod_egress_";
+
+/// Detaches and unpins the `flannel_pod_egress` links in `dir` of veths not in `keep`;
+/// returns how many. (In netlink mode the filters go with their veth.)
+fn detach_pod_ports(dir: &Path, keep: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(DataplaneError::Io {
+                op: "list",
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(index) = name.strip_prefix(POD_LINK_PREFIX).and_then(|i| i.parse::<u32>().ok()) else {
+            continue;
+        };
+        if keep.contains(&index) {
+            continue;
+        }
+        let path = entry.path();
+        attach::detach_pinned_link(&path).map_err(|source| DataplaneError::Io {
+            op: "detach and unpin",
+            path: path.clone(),
+            source,
+        })?;
+        debug!(pin = %path.display(), "released the pod fast path of a veth that is gone");
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Opens a per-CPU array map of counters.
+fn per_cpu_array(map: aya::maps::Map, name: &'static str) -> Result<PerCpuArray<MapData, u64>, DataplaneError> {
+    PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+        op: "open",
+        map: name,
+        object: "as a per-CPU array".into(),
+        source: Box::new(source),
+    })
+}
+
+/// The per-peer counters from the pinned `FLANNEL_PEER_STATS` under `pin_dir`
+/// (`flannelctl peers`). A pin directory of an agent from before the map existed has none:
+/// then the answer is empty.
+pub fn pinned_peer_counters(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, PeerStats>, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_PEER_STATS);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let map = maps::PeerStatsHash::try_from(maps::open_pinned(&path, MAP_PEER_STATS)?).map_err(|source| {
+        DataplaneError::Map {
+            op: "open",
+            map: MAP_PEER_STATS,
+            object: "as a per-CPU hash".into(),
+            source: Box::new(source),
+        }
+    })?;
+    maps::read_peer_counters(&map)
+}
+
+/// The local pods from the pinned `FLANNEL_LOCAL_PODS` under `pin_dir` (tests, debugging).
+pub fn pinned_local_pods(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, LocalPod>, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_LOCAL_PODS);
+    let table = maps::PodTable::new(maps::open_pinned(&path, MAP_LOCAL_PODS)?)?;
+    Ok(table.entries().clone())
+}
+
+/// The pod fast path's counters from the pinned `FLANNEL_POD_STATS` under `pin_dir`.
+pub fn pinned_pod_counters(pin_dir: &Path) -> Result<PodCounters, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_POD_STATS);
+    let stats = per_cpu_array(maps::open_pinned(&path, MAP_POD_STATS)?, MAP_POD_STATS)?;
+    maps::read_pod_counters(&stats)
+}
+
 /// The counters from the pinned `FLANNEL_STATS` under `pin_dir`, for processes other than the
 /// agent (`flannelctl`).
 pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, DataplaneError> {
     let path = pin_dir.join(PIN_SUBDIR).join(MAP_STATS);
-    let stats = PerCpuArray::try_from(maps::open_pinned(&path, MAP_STATS)?).map_err(|source| DataplaneError::Map {
-        op: "open",
-        map: MAP_STATS,
-        object: "as a per-CPU array".into(),
-        source: Box::new(source),
-    })?;
+    let stats = per_cpu_array(maps::open_pinned(&path, MAP_STATS)?, MAP_STATS)?;
     maps::read_counters(&stats)
 }
 
@@ -483,16 +675,21 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
 }
 
 /// The expected type, key size, value size and capacity of each pinned map.
-const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 3] = [
+const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 6] = [
     (MAP_VTEPS, MapType::LpmTrie, 8, 12, VTEPS_MAX_ENTRIES),
     (MAP_VTEP_ADDRS, MapType::Hash, 4, 4, VTEP_ADDRS_MAX_ENTRIES),
     (MAP_STATS, MapType::PerCpuArray, 4, 8, Stat::COUNT),
+    (MAP_PEER_STATS, MapType::PerCpuHash, 4, 32, PEER_STATS_MAX_ENTRIES),
+    (MAP_LOCAL_PODS, MapType::Hash, 4, 16, LOCAL_PODS_MAX_ENTRIES),
+    (MAP_POD_STATS, MapType::PerCpuArray, 4, 8, PodStat::COUNT),
 ];
 
 // The sizes above are those of the types the maps hold.
 const _: () = {
     assert!(size_of::<flannel_common::VtepKey>() == 8);
     assert!(size_of::<RemoteVtep>() == 12);
+    assert!(size_of::<PeerStats>() == 32);
+    assert!(size_of::<LocalPod>() == 16);
 };
 
 /// Fails if a map pinned in `dir` does not have the layout this build expects: aya would

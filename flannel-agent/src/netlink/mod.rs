@@ -14,6 +14,7 @@
 use std::io;
 
 mod addr;
+mod bridge;
 mod dump;
 mod events;
 pub mod iface;

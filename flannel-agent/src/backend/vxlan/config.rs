@@ -33,6 +33,9 @@ pub struct VxlanOptions {
     pub direct_routing: bool,
     /// `Datapath` (flannel-rs addition): who encapsulates, the eBPF programs or the kernel.
     pub datapath: DatapathMode,
+    /// `PodFastPath` (flannel-rs addition, eBPF datapath only): pod traffic to and from
+    /// remote pods skips the pod bridge and the host's routing and netfilter.
+    pub pod_fast_path: bool,
 }
 
 /// The `Datapath` option: `"auto"` (default), `"ebpf"` or `"kernel"`, any case.
@@ -68,6 +71,7 @@ impl Default for VxlanOptions {
             mtu: 0,
             direct_routing: false,
             datapath: DatapathMode::Auto,
+            pod_fast_path: false,
         }
     }
 }
@@ -130,6 +134,15 @@ impl VxlanOptions {
                 &format!("the underlay MTU must leave at least 68 bytes after the {OVERHEAD}-byte VXLAN overhead"),
             ));
         }
+        let datapath = datapath(obj)?;
+        let pod_fast_path = flag(obj, "PodFastPath")?;
+        if pod_fast_path && datapath == DatapathMode::Kernel {
+            return Err(opt_err(
+                "PodFastPath",
+                &Value::Bool(true),
+                "the pod fast path needs the eBPF datapath; set Datapath to \"ebpf\" or \"auto\", or PodFastPath to false",
+            ));
+        }
         Ok(VxlanOptions {
             vni,
             port: uint(obj, "Port", 65535, 0)? as u16,
@@ -137,7 +150,8 @@ impl VxlanOptions {
             learning: flag(obj, "Learning")?,
             mtu,
             direct_routing: flag(obj, "DirectRouting")?,
-            datapath: datapath(obj)?,
+            datapath,
+            pod_fast_path,
         })
     }
 
@@ -226,6 +240,7 @@ mod tests {
                 mtu: 9000,
                 direct_routing: true,
                 datapath: DatapathMode::Auto,
+                pod_fast_path: false,
             }
         );
         assert_eq!(o.v4_name(), "flannel.42");
@@ -247,6 +262,13 @@ mod tests {
     }
 
     #[test]
+    fn pod_fast_path_is_opt_in() {
+        assert!(!VxlanOptions::parse(&json!({})).unwrap().pod_fast_path);
+        let o = VxlanOptions::parse(&json!({"podfastpath": true, "Datapath": "ebpf"})).unwrap();
+        assert!(o.pod_fast_path);
+    }
+
+    #[test]
     fn bad_options_name_the_option() {
         for (doc, option) in [
             (json!({"VNI": "1"}), "VNI"),
@@ -259,6 +281,8 @@ mod tests {
             (json!({"DirectRouting": "yes"}), "DirectRouting"),
             (json!({"Datapath": "xdp"}), "Datapath"),
             (json!({"Datapath": true}), "Datapath"),
+            (json!({"PodFastPath": "yes"}), "PodFastPath"),
+            (json!({"PodFastPath": true, "Datapath": "kernel"}), "PodFastPath"),
             (json!({"MTU": 100}), "MTU"),
             (json!("vxlan"), "Backend"),
         ] {

@@ -19,9 +19,10 @@ use tracing::{info, warn};
 use super::config::{peer_vtep_mac, DatapathMode, VxlanOptions};
 use super::device::Vtep;
 use super::plan::Desired;
+use super::pods::{PodPorts, POD_BRIDGE};
 use crate::backend::BackendError;
 use crate::dataplane::{self, Datapath, DatapathConfig, DataplaneError, ProbeFeature, ProbeOptions};
-use crate::netlink::ExternalInterface;
+use crate::netlink::{ExternalInterface, Netlink};
 use crate::subnet::Lease;
 
 /// The kernel's default VXLAN port, which flannel's `Port: 0` means.
@@ -104,6 +105,8 @@ pub(super) struct Ebpf {
     /// The indexes of the VXLAN device and of the uplink the programs were loaded for: they
     /// are baked into the programs' config, and the encap hook lives on the device.
     loaded_for: (u32, u32),
+    /// Pod fast path: which veth each pod MAC is behind.
+    pod_ports: PodPorts,
 }
 
 impl std::fmt::Debug for Ebpf {
@@ -127,6 +130,7 @@ pub(super) fn select(
         } else {
             info!(reason = %choice.reason, "using the kernel vxlan datapath");
         }
+        warn_fast_path_off(opts);
         detach_leftovers(settings);
         return Ok((choice, None));
     }
@@ -158,6 +162,7 @@ pub(super) fn select(
                     dp,
                     pin_dir,
                     loaded_for,
+                    pod_ports: PodPorts::default(),
                 }),
             ))
         }
@@ -168,9 +173,17 @@ pub(super) fn select(
         Err(e) => {
             let reason = chain(&e);
             warn!(reason = %reason, "eBPF datapath unavailable, falling back to the kernel vxlan datapath");
+            warn_fast_path_off(opts);
             detach_leftovers(settings);
             Ok((Choice::kernel(requested, reason), None))
         }
+    }
+}
+
+/// `PodFastPath` needs the eBPF datapath: say once that it is off.
+fn warn_fast_path_off(opts: &VxlanOptions) {
+    if opts.pod_fast_path {
+        warn!("PodFastPath is set but the kernel vxlan datapath runs: pod traffic takes the kernel path");
     }
 }
 
@@ -210,7 +223,9 @@ fn datapath_config(opts: &VxlanOptions, v4: &Vtep, uplink: &str) -> Result<Datap
         });
     };
     let port = if opts.port == 0 { DEFAULT_PORT } else { opts.port };
-    Ok(DatapathConfig::new(&v4.name, uplink, local, v4.mac.0, opts.vni, port))
+    let mut config = DatapathConfig::new(&v4.name, uplink, local, v4.mac.0, opts.vni, port);
+    config.pod_fast_path = opts.pod_fast_path;
+    Ok(config)
 }
 
 /// One peer as the backend wants it programmed: for `/status/datapath` and `flannelctl peers`.
@@ -349,6 +364,56 @@ impl Ebpf {
         Ok(changed)
     }
 
+    /// Pod fast path: attaches `flannel_pod_egress` to every veth of the pod bridge and makes
+    /// `FLANNEL_LOCAL_PODS` hold the pods of our lease `subnet` (see the `pods` module).
+    /// Without the bridge (no pod yet) there is nothing to do. Returns how many attachments and
+    /// entries changed.
+    pub(super) async fn sync_pods(&mut self, nl: &Netlink, subnet: Ipv4Net) -> Result<usize, BackendError> {
+        if !self.dp.pod_fast_path() {
+            return Ok(0);
+        }
+        let netlink_error = |op: &'static str| {
+            move |e: crate::netlink::NetlinkError| BackendError::Kernel {
+                op,
+                object: format!("the pod bridge {POD_BRIDGE}"),
+                detail: e.to_string(),
+            }
+        };
+        let bridge = nl
+            .link_by_name(POD_BRIDGE)
+            .await
+            .map_err(netlink_error("look up"))?
+            .filter(|b| b.kind == "bridge");
+        let (ports, pods) = match bridge.as_ref().and_then(|b| b.mac.map(|mac| (b.index, mac))) {
+            Some((index, gw_mac)) => {
+                let ports = nl
+                    .bridge_veth_ports(index)
+                    .await
+                    .map_err(netlink_error("list the ports of"))?;
+                let learned = nl
+                    .bridge_learned_macs(index)
+                    .await
+                    .map_err(netlink_error("read the FDB of"))?;
+                self.pod_ports.update(&ports, &learned);
+                let neighbours = nl
+                    .neighbours(index, false)
+                    .await
+                    .map_err(netlink_error("read the neighbours of"))?;
+                let pods = self.pod_ports.local_pods(subnet, &neighbours, gw_mac);
+                (ports, pods)
+            }
+            None => Default::default(),
+        };
+        let pod_error = |e: DataplaneError| BackendError::Kernel {
+            op: "sync",
+            object: "the pod fast path".into(),
+            detail: chain(&e),
+        };
+        let mut changed = self.dp.sync_pod_ports(&ports).map_err(pod_error)?;
+        changed += self.dp.sync_local_pods(&pods).map_err(pod_error)?;
+        Ok(changed)
+    }
+
     /// What `/status/datapath` shows about the loaded programs.
     pub(super) fn status(&self) -> Value {
         let counters: serde_json::Map<String, Value> = match self.dp.counters() {
@@ -358,6 +423,10 @@ impl Ebpf {
                 .collect(),
             Err(_) => serde_json::Map::new(),
         };
+        let mut counters = counters;
+        if let Ok(pod) = self.dp.pod_counters() {
+            counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+        }
         json!({
             "pin_dir": self.pin_dir.display().to_string(),
             "maps_dir": self.dp.pin_dir().display().to_string(),
@@ -365,6 +434,8 @@ impl Ebpf {
             "decap_attached": self.dp.decap_attached(),
             "gso_decap": self.dp.gso_decap(),
             "vteps": self.dp.vteps().map(|v| v.len()).unwrap_or(0),
+            "pod_fast_path": self.dp.pod_fast_path(),
+            "local_pods": self.dp.local_pods().len(),
             "counters": counters,
         })
     }

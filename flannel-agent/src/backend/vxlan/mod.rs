@@ -21,6 +21,7 @@ mod netns_gc_tests;
 #[cfg(test)]
 mod netns_tests;
 mod plan;
+mod pods;
 mod sync;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -285,6 +286,16 @@ impl Backend for VxlanBackend {
             sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
             if let Some(e) = self.ebpf.as_mut() {
                 tally.changes += e.apply(&views, &tally.failed_peers, peers.complete)?;
+                if let Some(subnet) = self.own.as_ref().and_then(|l| l.subnet) {
+                    // The fast path is an optimisation over a working kernel path: a failure
+                    // here is logged, not a failed reconcile.
+                    match e.sync_pods(&nl, subnet).await {
+                        Ok(n) => tally.changes += n,
+                        Err(err) => {
+                            warn!(error = %err, "pod fast path: cannot sync the local pods; they keep the kernel path")
+                        }
+                    }
+                }
             }
             self.last_peers = views;
         }

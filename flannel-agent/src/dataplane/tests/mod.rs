@@ -36,7 +36,16 @@ fn contents_reports_what_is_missing() {
     let contents = ObjectContents::new([MAP_VTEPS], [PROG_ENCAP]);
     assert_eq!(
         contents.missing(),
-        vec![MAP_VTEP_ADDRS, MAP_STATS, PROG_DECAP, flannel_common::PROG_PROBE]
+        vec![
+            MAP_VTEP_ADDRS,
+            MAP_STATS,
+            MAP_PEER_STATS,
+            MAP_LOCAL_PODS,
+            MAP_POD_STATS,
+            PROG_DECAP,
+            flannel_common::PROG_PROBE,
+            PROG_POD_EGRESS
+        ]
     );
 }
 

@@ -2,25 +2,29 @@
 //! full connectivity (ICMP, TCP bulk with GSO, UDP) with `Datapath: ebpf`; a mixed cluster of
 //! an eBPF node, a kernel-datapath node and a node set up by hand as upstream would; the
 //! pinned maps as bpftool shows them; counters that move with traffic; `auto` falling back
-//! with its log line; `flannelctl status`, `peers` and `uninstall`; and a UDP flow that loses
-//! no packet while the agents on both ends are killed with SIGKILL and restarted.
+//! with its log line; `flannelctl status`, `peers` and `uninstall`; a UDP flow that loses
+//! no packet while the agents on both ends are killed with SIGKILL and restarted; and the same
+//! with the pod fast path (`fastpath`).
 //!
 //! They need root; outside CI they skip loudly without it. Build the binaries first
 //! (`cargo build -p flannel-agent --bins`). `--nocapture` shows matrices and outputs.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+mod fastpath;
+mod helpers;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use flannel_agent::dataplane::{pinned_counters, pinned_vteps};
-use flannel_tests::testbed::netns::{self, in_netns};
+use flannel_agent::dataplane::pinned_vteps;
+use flannel_tests::testbed::netns;
 use flannel_tests::testbed::probe::{self, http_get};
-use flannel_tests::testbed::{flanneld_path, require_root, wait_for, Pod, Testbed, TestbedOptions, AGENT_HEALTHZ_PORT};
+use flannel_tests::testbed::{flanneld_path, require_root, wait_for, Testbed, TestbedOptions, AGENT_HEALTHZ_PORT};
+use helpers::{
+    check_peers, counters, flannelctl, flannelctl_json, gaps, kill_and_restart, start_flow, tcp_bulk, udp_echo,
+    vtep_count,
+};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
@@ -29,152 +33,12 @@ const READY: Duration = Duration::from_secs(20);
 /// Bound on a change reaching the datapath of other nodes.
 const CONVERGE: Duration = Duration::from_secs(10);
 
+/// With the pod fast path.
+const EBPF_FAST: &str =
+    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"ebpf","PodFastPath":true}}"#;
 const EBPF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"ebpf"}}"#;
 const KERNEL: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"kernel"}}"#;
 const AUTO: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"Auto"}}"#;
-
-/// `flannelctl`, beside `flanneld`.
-fn flannelctl_path() -> anyhow::Result<PathBuf> {
-    let path = flanneld_path()?.with_file_name("flannelctl");
-    ensure!(
-        path.is_file(),
-        "{} missing: cargo build -p flannel-agent --bins",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// Runs `flannelctl args...` inside node `number`'s namespace; returns the whole output.
-async fn flannelctl(tb: &Testbed, number: usize, args: &[&str]) -> anyhow::Result<Output> {
-    let ctl = flannelctl_path()?;
-    let ctl = ctl.to_str().context("path")?;
-    let mut full = vec!["netns", "exec", tb.node(number).netns.as_str(), ctl];
-    full.extend_from_slice(args);
-    netns::output("ip", &full, None, Duration::from_secs(10)).await
-}
-
-/// `flannelctl --json args...` on node `number`, parsed; fails unless it exits with `code`.
-async fn flannelctl_json(tb: &Testbed, number: usize, args: &[&str], code: i32) -> anyhow::Result<Value> {
-    let mut full = vec!["--json"];
-    full.extend_from_slice(args);
-    let out = flannelctl(tb, number, &full).await?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.code() == Some(code),
-        "flannelctl {args:?} exited {:?}, expected {code}:\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&stdout).with_context(|| format!("flannelctl {args:?} printed no JSON: {stdout}"))
-}
-
-/// The eBPF counters of node `number`, from its pinned FLANNEL_STATS.
-fn counters(tb: &mut Testbed, number: usize) -> anyhow::Result<(u64, u64, u64)> {
-    let c = pinned_counters(&tb.bpf_pin_dir(number)?)?;
-    let get = |name: &str| c.iter().find(|(stat, _)| stat.name() == name).map_or(0, |(_, v)| v);
-    Ok((
-        get("encap_packets"),
-        get("encap_bytes"),
-        get("decap_packets") + get("decap_pass_kernel"),
-    ))
-}
-
-/// Sends `bytes` over one TCP connection from `from` to `to` and checks they all arrive
-/// intact (big writes, so the stack hands GSO super-packets to flannel.1).
-async fn tcp_bulk(from: &Pod, to: &Pod, bytes: usize) -> anyhow::Result<Duration> {
-    let dst = to.ip();
-    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-    let server = in_netns(&to.netns, Duration::from_secs(20), move || {
-        let listener = TcpListener::bind((dst, 0))?;
-        let _ = port_tx.send(listener.local_addr()?.port());
-        let (mut conn, _) = listener.accept()?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let (mut total, mut sum, mut buf) = (0usize, 0u64, vec![0u8; 256 * 1024]);
-        loop {
-            let n = conn.read(&mut buf)?;
-            if n == 0 {
-                return Ok((total, sum));
-            }
-            sum = buf[..n].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
-            total += n;
-        }
-    });
-    let client = async {
-        let port = port_rx.await.context("no listener")?;
-        in_netns(&from.netns, Duration::from_secs(20), move || {
-            let started = Instant::now();
-            let mut conn = TcpStream::connect_timeout(&SocketAddr::new(dst, port), Duration::from_secs(3))?;
-            conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-            let chunk: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-            let (mut sent, mut sum) = (0usize, 0u64);
-            while sent < bytes {
-                let n = chunk.len().min(bytes - sent);
-                conn.write_all(&chunk[..n])?;
-                sum = chunk[..n].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
-                sent += n;
-            }
-            drop(conn);
-            Ok((sum, started.elapsed()))
-        })
-        .await
-    };
-    let (client, server) = tokio::join!(client, server);
-    let ((sent_sum, took), (got, got_sum)) = (client?, server?);
-    ensure!(
-        got == bytes && got_sum == sent_sum,
-        "TCP bulk: {got} of {bytes} bytes arrived (checksums {got_sum} vs {sent_sum})"
-    );
-    Ok(took)
-}
-
-/// 50 UDP datagrams from `from` to an echo in `to`, every one must come back.
-async fn udp_echo(from: &Pod, to: &Pod) -> anyhow::Result<()> {
-    let dst = to.ip();
-    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-    let server = in_netns(&to.netns, Duration::from_secs(10), move || {
-        let sock = UdpSocket::bind((dst, 0))?;
-        let _ = port_tx.send(sock.local_addr()?.port());
-        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut buf = [0u8; 2048];
-        for _ in 0..50 {
-            let (n, peer) = sock.recv_from(&mut buf)?;
-            sock.send_to(&buf[..n], peer)?;
-        }
-        Ok(())
-    });
-    let client = async {
-        let port = port_rx.await.context("no UDP echo")?;
-        in_netns(&from.netns, Duration::from_secs(10), move || {
-            let sock = UdpSocket::bind(("0.0.0.0", 0))?;
-            sock.connect((dst, port))?;
-            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let mut buf = [0u8; 2048];
-            for i in 0..50u32 {
-                let msg = [i.to_be_bytes().as_slice(), &[7u8; 1000]].concat();
-                sock.send(&msg)?;
-                let n = sock.recv(&mut buf)?;
-                ensure!(buf[..n] == msg[..], "datagram {i} came back different");
-            }
-            Ok(())
-        })
-        .await
-    };
-    let (c, s) = tokio::join!(client, server);
-    c.and(s)
-}
-
-/// The flannelctl peers rows, checked to be in sync with `expected` leases.
-fn check_peers(value: &Value, expected: usize) -> anyhow::Result<()> {
-    let rows = value["peers"].as_array().context("no peers")?;
-    ensure!(value["drift"] == 0, "drift: {value:#}");
-    ensure!(
-        rows.len() == expected,
-        "{} rows, expected {expected}: {value:#}",
-        rows.len()
-    );
-    ensure!(rows.iter().all(|r| r["state"] == "ok"), "not all ok: {value:#}");
-    Ok(())
-}
 
 #[tokio::test]
 async fn ebpf_three_nodes_full_matrix_counters_bpftool_and_flannelctl() -> anyhow::Result<()> {
@@ -413,109 +277,28 @@ async fn auto_falls_back_to_the_kernel_datapath_with_one_log_line() -> anyhow::R
     Ok(())
 }
 
-/// A paced UDP flow with sequence numbers: how many were sent and which arrived.
-struct Flow {
-    stop: Arc<AtomicBool>,
-    sender: tokio::task::JoinHandle<anyhow::Result<u64>>,
-    receiver: tokio::task::JoinHandle<anyhow::Result<Vec<bool>>>,
-}
-
-const FLOW_PPS: u64 = 1000;
-const FLOW_MAX: usize = 60_000;
-
-fn start_flow(from: &Pod, to: &Pod) -> Flow {
-    let stop = Arc::new(AtomicBool::new(false));
-    let dst = to.ipv4().expect("IPv4 pod");
-    let port = 40_000;
-    let (rstop, sstop) = (stop.clone(), stop.clone());
-    let (to_ns, from_ns) = (to.netns.clone(), from.netns.clone());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receiver = tokio::spawn(async move {
-        in_netns(&to_ns, Duration::from_secs(60), move || {
-            let sock = UdpSocket::bind((dst, port))?;
-            let _ = ready_tx.send(());
-            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-            let mut seen = vec![false; FLOW_MAX];
-            let mut buf = [0u8; 256];
-            let mut idle_after_stop = 0;
-            loop {
-                match sock.recv(&mut buf) {
-                    Ok(n) if n >= 8 => {
-                        let seq = u64::from_be_bytes(buf[..8].try_into()?) as usize;
-                        if seq < FLOW_MAX {
-                            seen[seq] = true;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) if rstop.load(Ordering::Relaxed) => {
-                        idle_after_stop += 1;
-                        if idle_after_stop >= 3 {
-                            return Ok(seen);
-                        }
-                    }
-                    Err(_) => {}
-                }
-            }
-        })
-        .await
-    });
-    let sender = tokio::spawn(async move {
-        let _ = tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(5))).await;
-        in_netns(&from_ns, Duration::from_secs(60), move || {
-            let sock = UdpSocket::bind(("0.0.0.0", 0))?;
-            sock.connect(SocketAddr::new(IpAddr::V4(dst), port))?;
-            let start = Instant::now();
-            let mut seq = 0u64;
-            while !sstop.load(Ordering::Relaxed) && (seq as usize) < FLOW_MAX {
-                let due = start + Duration::from_micros(seq * 1_000_000 / FLOW_PPS);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                let mut msg = [0u8; 64];
-                msg[..8].copy_from_slice(&seq.to_be_bytes());
-                sock.send(&msg)?;
-                seq += 1;
-            }
-            Ok(seq)
-        })
-        .await
-    });
-    Flow { stop, sender, receiver }
-}
-
-/// The sequence numbers below `sent` that never arrived, as ranges.
-fn gaps(seen: &[bool], sent: u64) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    for (i, ok) in seen.iter().take(sent as usize).enumerate() {
-        if !ok {
-            match out.last_mut() {
-                Some(last) if last.1 + 1 == i => last.1 = i,
-                _ => out.push((i, i)),
-            }
-        }
-    }
-    out
-}
-
-async fn kill_and_restart(tb: &mut Testbed, n: usize) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    tb.kill_agent(n)?;
-    tb.restart_agent(n).await?;
-    tb.wait_ready(n, READY).await?;
-    Ok(t.elapsed())
-}
-
-fn vtep_count(dir: &Path) -> usize {
-    pinned_vteps(dir).map(|v| v.len()).unwrap_or(0)
-}
-
 #[tokio::test]
 async fn kill_9_and_restart_loses_no_packet() -> anyhow::Result<()> {
     if !require_root("kill_9_and_restart_loses_no_packet") {
         return Ok(());
     }
+    restart_loses_no_packet(EBPF).await
+}
+
+#[tokio::test]
+async fn kill_9_and_restart_loses_no_packet_with_pod_fast_path() -> anyhow::Result<()> {
+    if !require_root("kill_9_and_restart_loses_no_packet_with_pod_fast_path") {
+        return Ok(());
+    }
+    restart_loses_no_packet(EBPF_FAST).await
+}
+
+/// A 1,000 packets/s UDP flow between pods on two nodes loses nothing while the agents on
+/// both ends are killed with SIGKILL and restarted, one after the other.
+async fn restart_loses_no_packet(conf: &str) -> anyhow::Result<()> {
+    let fast = conf == EBPF_FAST;
     let started = Instant::now();
-    let mut tb = Testbed::start(TestbedOptions::new(2).net_conf(EBPF)).await?;
+    let mut tb = Testbed::start(TestbedOptions::new(2).net_conf(conf)).await?;
     tb.start_agents(&[1, 2], &[], READY).await?;
     let a = tb.add_pod(1, "sender").await?;
     let b = tb.add_pod(2, "receiver").await?;
@@ -524,7 +307,14 @@ async fn kill_9_and_restart_loses_no_packet() -> anyhow::Result<()> {
         let dir = tb.bpf_pin_dir(n)?;
         ensure!(vtep_count(&dir) == 1, "node {n} has no VTEP in its map");
     }
+    if fast {
+        // The flow must start on the fast path at both ends, so that the restarts replace
+        // live fast-path programs.
+        fastpath::wait_for_local_pod(&mut tb, 2, &b).await?;
+        fastpath::wait_for_pod_egress(&mut tb, 1, 1).await?;
+    }
     let (before1, before2) = (counters(&mut tb, 1)?, counters(&mut tb, 2)?);
+    let pod_before = (fastpath::pod_counters(&mut tb, 1)?, fastpath::pod_counters(&mut tb, 2)?);
     let flow = start_flow(&a, &b);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = kill_and_restart(&mut tb, 2).await?;
@@ -542,10 +332,27 @@ async fn kill_9_and_restart_loses_no_packet() -> anyhow::Result<()> {
     ensure!(sent >= 2500, "the flow ran too briefly: {sent} packets");
     ensure!(gaps.is_empty(), "lost packets (sequence gaps): {gaps:?}");
     let (after1, after2) = (counters(&mut tb, 1)?, counters(&mut tb, 2)?);
-    ensure!(
-        after1.0 - before1.0 >= sent,
-        "the flow was not encapsulated in BPF on node 1: {before1:?} -> {after1:?}"
-    );
+    let pod_after = (fastpath::pod_counters(&mut tb, 1)?, fastpath::pod_counters(&mut tb, 2)?);
+    if fast {
+        let (egress, to_pod) = (
+            pod_after.0.egress - pod_before.0.egress,
+            pod_after.1.to_pod - pod_before.1.to_pod,
+        );
+        println!("fast path: {egress} packets encapsulated from the pod on node 1, {to_pod} delivered into the pod on node 2");
+        ensure!(
+            egress >= sent,
+            "the flow did not take the fast path out of node 1: {egress} of {sent}"
+        );
+        ensure!(
+            to_pod >= sent,
+            "the flow did not take the fast path into the pod on node 2: {to_pod} of {sent}"
+        );
+    } else {
+        ensure!(
+            after1.0 - before1.0 >= sent,
+            "the flow was not encapsulated in BPF on node 1: {before1:?} -> {after1:?}"
+        );
+    }
     ensure!(
         after2.2 > before2.2,
         "node 2's decap saw nothing: {before2:?} -> {after2:?}"
