@@ -129,7 +129,7 @@ pub async fn run(
     };
     let previous = subnet_file::read_previous(&cfg.subnet_file);
     // Read before subnet.env is rewritten: the old rules are recycled if the subnet changed.
-    let previous_rules = RuleSet::read_subnet_env(&cfg.subnet_file);
+    let previous_rules = RuleSet::read(&cfg.subnet_file);
     health.update(|s| s.waiting_for = "subnet lease".into());
     let Some(lease) = acquire(sm.as_ref(), &config, &attrs, previous, &shutdown).await? else {
         return Ok(());

@@ -86,23 +86,63 @@ impl SubnetEnv {
     }
 }
 
+/// The `KEY=VALUE` lines of a `subnet.env`, key and value trimmed and the value unquoted;
+/// other lines are skipped. Every reader of the file in flannel-rs goes through this: the
+/// agent reading back its previous run here, the traffic rules, and the CNI plugin.
+pub fn entries(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines().filter_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        Some((k.trim(), v.trim().trim_matches('"')))
+    })
+}
+
+/// The four networks of a `subnet.env`, read back leniently as upstream reads its own file:
+/// an invalid value is skipped, host bits are cleared (the file holds the first host
+/// address, `10.42.0.1/24`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Networks {
+    /// `FLANNEL_NETWORK`.
+    pub network: Option<Ipv4Net>,
+    /// `FLANNEL_SUBNET`, as a network.
+    pub subnet: Option<Ipv4Net>,
+    /// `FLANNEL_IPV6_NETWORK`.
+    pub ipv6_network: Option<Ipv6Net>,
+    /// `FLANNEL_IPV6_SUBNET`, as a network.
+    pub ipv6_subnet: Option<Ipv6Net>,
+}
+
+impl Networks {
+    /// Parses `subnet.env` text, skipping what does not parse.
+    pub fn parse(text: &str) -> Self {
+        let mut n = Self::default();
+        for (key, value) in entries(text) {
+            let v4 = || value.parse::<Ipv4Net>().ok().map(|n| n.trunc());
+            let v6 = || value.parse::<Ipv6Net>().ok().map(|n| n.trunc());
+            match key {
+                "FLANNEL_NETWORK" => n.network = v4(),
+                "FLANNEL_SUBNET" => n.subnet = v4(),
+                "FLANNEL_IPV6_NETWORK" => n.ipv6_network = v6(),
+                "FLANNEL_IPV6_SUBNET" => n.ipv6_subnet = v6(),
+                _ => {}
+            }
+        }
+        n
+    }
+
+    /// Reads `path`; a missing or unreadable file gives none.
+    pub fn read(path: &Path) -> Self {
+        std::fs::read_to_string(path).map_or_else(|_| Self::default(), |text| Self::parse(&text))
+    }
+}
+
 /// Reads the subnets a previous run wrote, as upstream does: host bits are
 /// masked, invalid values are skipped. A missing or unreadable file gives none.
 pub fn read_previous(path: &Path) -> PreviousSubnets {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return PreviousSubnets::default();
-    };
-    let mut prev = PreviousSubnets::default();
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
-        let v = v.trim().trim_matches('"');
-        match k.trim() {
-            "FLANNEL_SUBNET" => prev.v4 = v.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
-            "FLANNEL_IPV6_SUBNET" => prev.v6 = v.parse::<Ipv6Net>().ok().map(|n| n.trunc()),
-            _ => {}
-        }
+    let n = Networks::read(path);
+    PreviousSubnets {
+        v4: n.subnet,
+        v6: n.ipv6_subnet,
     }
-    prev
 }
 
 #[cfg(test)]

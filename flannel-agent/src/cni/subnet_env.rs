@@ -61,10 +61,7 @@ impl SubnetEnv {
     pub fn parse(text: &str) -> Result<Self, SubnetEnvError> {
         let (mut networks, mut ipv6_networks) = (Vec::new(), Vec::new());
         let (mut subnet, mut ipv6_subnet, mut mtu, mut ipmasq) = (None, None, None, None);
-        for line in text.lines() {
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
+        for (key, value) in crate::subnet_file::entries(text) {
             let invalid = |reason: String| SubnetEnvError::Invalid {
                 key: key.to_owned(),
                 value: value.to_owned(),

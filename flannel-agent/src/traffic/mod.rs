@@ -16,11 +16,10 @@
 //! Each mode removes the other's leftovers at start, so switching needs no reboot. Rules
 //! stay in place on shutdown (a restart must not cut pod traffic, flannel-io/flannel#2237).
 
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
@@ -38,48 +37,12 @@ use exec::Exec;
 use render::Family;
 
 /// The networks the rules are written for: the cluster networks and this node's lease
-/// subnets. A family is configured when its network is set (as upstream); its masquerade
-/// rules also need the subnet. Host bits are ignored (`10.42.0.1/24` is `10.42.0.0/24`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RuleSet {
-    /// The IPv4 cluster network (`Network`, `FLANNEL_NETWORK`).
-    pub network: Option<Ipv4Net>,
-    /// This node's IPv4 subnet (`FLANNEL_SUBNET`).
-    pub subnet: Option<Ipv4Net>,
-    /// The IPv6 cluster network (`IPv6Network`, `FLANNEL_IPV6_NETWORK`).
-    pub ipv6_network: Option<Ipv6Net>,
-    /// This node's IPv6 subnet (`FLANNEL_IPV6_SUBNET`).
-    pub ipv6_subnet: Option<Ipv6Net>,
-}
+/// subnets, the four networks of `subnet.env` (read back from it with `RuleSet::read`). A
+/// family is configured when its network is set (as upstream); its masquerade rules also
+/// need the subnet. Host bits are ignored (`10.42.0.1/24` is `10.42.0.0/24`).
+pub use crate::subnet_file::Networks as RuleSet;
 
 impl RuleSet {
-    /// Reads the networks a previous run wrote to `subnet.env` (the four
-    /// `FLANNEL_*NETWORK`/`FLANNEL_*SUBNET` keys). A missing or unreadable file gives an
-    /// empty set. Call it before the new `subnet.env` is written.
-    pub fn read_subnet_env(path: &Path) -> Self {
-        std::fs::read_to_string(path).map_or_else(|_| Self::default(), |text| Self::parse_subnet_env(&text))
-    }
-
-    /// Parses `subnet.env` text; invalid values are skipped, host bits are cleared
-    /// (the file holds the first host address, `10.42.0.1/24`).
-    pub fn parse_subnet_env(text: &str) -> Self {
-        let mut set = Self::default();
-        for line in text.lines() {
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let value = value.trim().trim_matches('"');
-            match key.trim() {
-                "FLANNEL_NETWORK" => set.network = value.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
-                "FLANNEL_SUBNET" => set.subnet = value.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
-                "FLANNEL_IPV6_NETWORK" => set.ipv6_network = value.parse::<Ipv6Net>().ok().map(|n| n.trunc()),
-                "FLANNEL_IPV6_SUBNET" => set.ipv6_subnet = value.parse::<Ipv6Net>().ok().map(|n| n.trunc()),
-                _ => {}
-            }
-        }
-        set
-    }
-
     /// One family's networks with host bits cleared, if that family is configured.
     pub(crate) fn nets(&self, family: Family) -> Option<render::Nets> {
         let (network, subnet) = match family {

@@ -390,12 +390,12 @@ fn iptables_version_decides_wait_and_random_fully() {
 fn previous_rule_set_is_read_from_subnet_env() {
     let text = "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.7.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
                 FLANNEL_IPV6_SUBNET=2001:cafe:42:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
-    let set = RuleSet::parse_subnet_env(text);
+    let set = RuleSet::parse(text);
     assert_eq!(set.network, Some("10.42.0.0/16".parse().unwrap()));
     assert_eq!(set.subnet, Some("10.42.7.0/24".parse().unwrap()), "host bits cleared");
     assert_eq!(set.ipv6_network, Some("2001:cafe:42::/56".parse().unwrap()));
     assert_eq!(set.ipv6_subnet, Some("2001:cafe:42:7::/64".parse().unwrap()));
-    let junk = RuleSet::parse_subnet_env("FLANNEL_NETWORK=bogus\nFLANNEL_SUBNET=\"10.5.1.1/24\"\nnonsense\n");
+    let junk = RuleSet::parse("FLANNEL_NETWORK=bogus\nFLANNEL_SUBNET=\"10.5.1.1/24\"\nnonsense\n");
     assert_eq!(
         junk,
         RuleSet {
@@ -404,7 +404,7 @@ fn previous_rule_set_is_read_from_subnet_env() {
         }
     );
     assert_eq!(
-        RuleSet::read_subnet_env(std::path::Path::new("/nonexistent/subnet.env")),
+        RuleSet::read(std::path::Path::new("/nonexistent/subnet.env")),
         RuleSet::default()
     );
 }

@@ -27,75 +27,8 @@ pub fn cni_path() -> PathBuf {
     std::env::var_os("CNI_PATH").map_or_else(|| PathBuf::from(DEFAULT_CNI_PATH), PathBuf::from)
 }
 
-/// The values of a `subnet.env` that the flannel CNI plugin reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// `FLANNEL_NETWORK`, as a network (host bits cleared).
-    pub network: Option<IpNet>,
-    /// `FLANNEL_SUBNET`, as a network: the file holds the first address (`10.244.1.1/24`),
-    /// the plugin hands host-local the network (`10.244.1.0/24`).
-    pub subnet: Option<IpNet>,
-    /// `FLANNEL_IPV6_NETWORK`.
-    pub ipv6_network: Option<IpNet>,
-    /// `FLANNEL_IPV6_SUBNET`, as a network.
-    pub ipv6_subnet: Option<IpNet>,
-    /// `FLANNEL_MTU`.
-    pub mtu: u32,
-    /// `FLANNEL_IPMASQ`: whether flanneld masquerades (so the bridge plugin must not).
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    /// Parses `KEY=VALUE` lines as the flannel CNI plugin does: unknown keys are ignored, a
-    /// network and a subnet of at least one family plus `FLANNEL_MTU` and `FLANNEL_IPMASQ`
-    /// are required, and `FLANNEL_IPMASQ` is true only when it is exactly `true`.
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let (mut network, mut subnet, mut ipv6_network, mut ipv6_subnet) = (None, None, None, None);
-        let (mut mtu, mut ipmasq) = (None, None);
-        for line in text.lines() {
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let net = |v: &str| -> anyhow::Result<Option<IpNet>> {
-                let parsed: IpNet = v.parse().with_context(|| format!("{key}={v:?} is not a CIDR"))?;
-                Ok(Some(parsed.trunc()))
-            };
-            match key {
-                "FLANNEL_NETWORK" => network = net(value)?,
-                "FLANNEL_SUBNET" => subnet = net(value)?,
-                "FLANNEL_IPV6_NETWORK" => ipv6_network = net(value)?,
-                "FLANNEL_IPV6_SUBNET" => ipv6_subnet = net(value)?,
-                "FLANNEL_MTU" => mtu = Some(value.parse().with_context(|| format!("FLANNEL_MTU={value:?}"))?),
-                "FLANNEL_IPMASQ" => ipmasq = Some(value == "true"),
-                _ => {}
-            }
-        }
-        let mut missing = Vec::new();
-        if network.is_none() && ipv6_network.is_none() {
-            missing.push("FLANNEL_NETWORK or FLANNEL_IPV6_NETWORK");
-        }
-        if subnet.is_none() && ipv6_subnet.is_none() {
-            missing.push("FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET");
-        }
-        if mtu.is_none() {
-            missing.push("FLANNEL_MTU");
-        }
-        if ipmasq.is_none() {
-            missing.push("FLANNEL_IPMASQ");
-        }
-        match (mtu, ipmasq) {
-            (Some(mtu), Some(ipmasq)) if missing.is_empty() => Ok(Self {
-                network,
-                subnet,
-                ipv6_network,
-                ipv6_subnet,
-                mtu,
-                ipmasq,
-            }),
-            _ => bail!("subnet.env is missing {}", missing.join(", ")),
-        }
-    }
-}
+/// `subnet.env` as the flannel CNI plugin reads it: the agent library's one parser.
+pub use flannel_agent::cni::SubnetEnv;
 
 /// The delegate configuration flannel's CNI plugin would hand the `bridge` plugin for the
 /// manifest's `{"hairpinMode": true, "isDefaultGateway": true}` delegate, given the text of a
@@ -110,9 +43,10 @@ pub fn cni_delegate_config(subnet_env_text: &str, name: &str) -> anyhow::Result<
         .flatten()
         .map(|subnet| json!([{ "subnet": subnet.to_string() }]))
         .collect();
-    let routes: Vec<Value> = [env.network, env.ipv6_network]
-        .into_iter()
-        .flatten()
+    let routes: Vec<Value> = env
+        .networks
+        .iter()
+        .chain(&env.ipv6_networks)
         .map(|network| json!({ "dst": network.to_string() }))
         .collect();
     Ok(json!({

@@ -128,7 +128,7 @@ async fn subnet_change_recycles_old_rules() {
     );
 
     // A new run with a new network and subnet; `previous` as read from subnet.env.
-    let previous = RuleSet::parse_subnet_env("FLANNEL_NETWORK=10.50.0.0/16\nFLANNEL_SUBNET=10.50.7.1/24\n");
+    let previous = RuleSet::parse("FLANNEL_NETWORK=10.50.0.0/16\nFLANNEL_SUBNET=10.50.7.1/24\n");
     assert_eq!(previous, old);
     ns.manager(opts(false)).setup(&v4(NET4, SUB4), &previous).await.unwrap();
     let nat = ns.sh(&["iptables", "-t", "nat", "-S"]).await;
