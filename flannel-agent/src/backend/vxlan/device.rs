@@ -2,6 +2,7 @@
 //! or adopted once, then checked on every reconcile.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
@@ -14,6 +15,25 @@ fn kernel(op: &'static str, object: &str, e: NetlinkError) -> BackendError {
         op,
         object: object.to_string(),
         detail: e.to_string(),
+    }
+}
+
+/// Whether [`accept_ra_not_set`] has warned: a re-created device would repeat the same
+/// warning, which says nothing new.
+static ACCEPT_RA_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// `accept_ra=0` could not be written. Never fatal: in an unprivileged pod `/proc/sys` is
+/// read-only, and the overlay works without it. Without IPv6 there is no such sysctl and
+/// nothing to say; any other failure is one warning per process.
+fn accept_ra_not_set(dev: &str, e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        debug!(dev, error = %e, "no accept_ra sysctl (IPv6 disabled?): nothing to set");
+    } else if !ACCEPT_RA_WARNED.swap(true, Ordering::Relaxed) {
+        warn!(
+            dev, error = %e,
+            "cannot set net.ipv6.conf.{dev}.accept_ra=0 (is /proc/sys read-only, as in an unprivileged \
+             container?); carrying on, but IPv6 router advertisements arriving over the overlay are not ignored"
+        );
     }
 }
 
@@ -150,7 +170,7 @@ impl Vtep {
             local = ?self.params.local, underlay = %self.ext_name, "created the VXLAN device"
         );
         if let Err(e) = disable_accept_ra(&self.name) {
-            debug!(dev = %self.name, error = %e, "could not set accept_ra=0 (is IPv6 disabled?)");
+            accept_ra_not_set(&self.name, &e);
         }
         Ok(())
     }

@@ -292,3 +292,56 @@ fn vxlan_direct_routing_to_on_link_peers() {
         assert!(!a.sh(&["ip", "route"]).contains("10.244.2.0/24"));
     });
 }
+
+/// Makes `/proc/sys` read-only for the calling thread, as in an unprivileged container: a
+/// mount namespace of its own (a per-thread attribute, like the network namespace) with a
+/// read-only bind mount over `/proc/sys`.
+fn read_only_proc_sys() {
+    let null = std::ptr::null();
+    // SAFETY: the paths are NUL-terminated literals; the other pointers may be null for
+    // these calls. They change only this thread's mount namespace, made here.
+    unsafe {
+        assert_eq!(
+            libc::unshare(libc::CLONE_NEWNS),
+            0,
+            "unshare: {}",
+            std::io::Error::last_os_error()
+        );
+        let flags = libc::MS_REC | libc::MS_PRIVATE;
+        assert_eq!(libc::mount(null, c"/".as_ptr(), null, flags, std::ptr::null()), 0);
+        let dir = c"/proc/sys".as_ptr();
+        assert_eq!(libc::mount(dir, dir, null, libc::MS_BIND, std::ptr::null()), 0);
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+        assert_eq!(
+            libc::mount(null, dir, null, flags, std::ptr::null()),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn a_read_only_proc_sys_does_not_stop_the_backend() {
+    if !privileged("backend::vxlan::a_read_only_proc_sys_does_not_stop_the_backend") {
+        return;
+    }
+    let lab = Lab::new("flv-ro");
+    let cfg = config(r#"{"Type":"vxlan"}"#, false);
+    lab.a.ns.run(move || async move {
+        read_only_proc_sys();
+        assert!(
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").is_err(),
+            "still writable"
+        );
+        // `start` unwraps prepare and the own lease: a fatal accept_ra failure panics here.
+        let (_be, info) = start(&cfg, 1, false).await;
+        assert_eq!(info.mtu, 1450);
+        let ra = std::fs::read_to_string("/proc/sys/net/ipv6/conf/flannel.1/accept_ra").unwrap();
+        assert_ne!(
+            ra.trim(),
+            "0",
+            "the sysctl was written after all: the test proves nothing"
+        );
+    });
+}
