@@ -18,6 +18,9 @@ pub struct Args {
     /// Pods per node.
     #[arg(long, default_value_t = 2)]
     pods: usize,
+    /// Use the Kubernetes API emulator as the store (`--kube-subnet-mgr`) instead of etcd.
+    #[arg(long)]
+    kube: bool,
 }
 
 /// Runs the demo.
@@ -40,6 +43,9 @@ pub fn run(args: &Args) -> Result<()> {
     cmd.current_dir(&root)
         .args(["run", "--quiet", "-p", "flannel-tests", "--bin", "flannel-demo", "--"])
         .args(["--nodes", &args.nodes.to_string(), "--pods", &args.pods.to_string()]);
+    if args.kube {
+        cmd.arg("--kube");
+    }
     if let Some(b) = &args.backend {
         cmd.args(["--backend", b]);
     }

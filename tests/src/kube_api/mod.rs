@@ -10,6 +10,10 @@
 //! - metadata-only answers when the client asks for `PartialObjectMetadata(List)`;
 //! - `/version` and API discovery.
 //!
+//! With [`KubeApi::start_in_netns`] it listens on an address inside a network namespace (the
+//! testbed's fabric), where flanneld in the node namespaces reaches it; the test process keeps
+//! using the handle's helpers, which work on the store directly.
+//!
 //! Every write takes the next resourceVersion; a write that changes nothing is not a write.
 //! The emulator counts the bytes it sends (in total, on watches, and per request), can be made
 //! unavailable (connections refused, open watches cut) or to fail every request with a status,
@@ -58,6 +62,8 @@ pub use self::store::ApiError;
 pub struct KubeApi {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The namespace the listener is in; `None`: the test process's own.
+    netns: Option<String>,
     kubeconfig: PathBuf,
     /// Cancels the current listener and its connections; `None` while unavailable.
     serving: Mutex<Option<CancellationToken>>,
@@ -68,7 +74,19 @@ impl KubeApi {
     /// Starts an emulator on a free loopback port and writes a kubeconfig for it, which the
     /// real `kube` client (and kubectl) use unmodified. Returns the handle and that path.
     pub async fn start() -> anyhow::Result<(Self, PathBuf)> {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_at(None, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts an emulator listening on `addr` inside network namespace `netns` (a testbed's
+    /// fabric), so that processes in namespaces routed to it reach it; the kubeconfig names
+    /// that address. The test process cannot connect there itself: [`Self::client`] works
+    /// only for [`Self::start`]'s emulator, every other helper works for both.
+    pub async fn start_in_netns(netns: &str, addr: SocketAddr) -> anyhow::Result<(Self, PathBuf)> {
+        Self::start_at(Some(netns.to_owned()), addr).await
+    }
+
+    async fn start_at(netns: Option<String>, addr: SocketAddr) -> anyhow::Result<(Self, PathBuf)> {
+        let listener = bind(netns.as_deref(), addr)
             .await
             .context("binding the emulator's port")?;
         let addr = listener.local_addr()?;
@@ -82,6 +100,7 @@ impl KubeApi {
         let api = Self {
             shared,
             addr,
+            netns,
             kubeconfig: kubeconfig.clone(),
             serving: Mutex::new(Some(cancel)),
             _dir: dir,
@@ -89,7 +108,7 @@ impl KubeApi {
         Ok((api, kubeconfig))
     }
 
-    /// The server's URL (`http://127.0.0.1:<port>`).
+    /// The server's URL (`http://127.0.0.1:<port>`, or the address in the namespace).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -197,7 +216,7 @@ impl KubeApi {
         // The old listener is closing; the port may take a moment to be free again.
         let mut last = None;
         for _ in 0..50 {
-            match TcpListener::bind(self.addr).await {
+            match bind(self.netns.as_deref(), self.addr).await {
                 Ok(listener) => {
                     let cancel = CancellationToken::new();
                     tokio::spawn(http::serve(listener, self.shared.clone(), cancel.clone()));
@@ -243,6 +262,21 @@ impl Drop for KubeApi {
             c.cancel();
         }
     }
+}
+
+/// A listener on `addr`, inside `netns` when given: a socket stays in the namespace it was
+/// made in, so a thread that entered the namespace makes it and the runtime serves it.
+async fn bind(netns: Option<&str>, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let Some(netns) = netns else {
+        return Ok(TcpListener::bind(addr).await?);
+    };
+    let std_listener = crate::testbed::netns::in_netns(netns, Duration::from_secs(10), move || {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+    .await?;
+    Ok(TcpListener::from_std(std_listener)?)
 }
 
 fn kubeconfig_yaml(addr: SocketAddr) -> String {

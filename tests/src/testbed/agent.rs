@@ -80,7 +80,8 @@ fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 
 impl Testbed {
     /// Starts flanneld on node `number` with the testbed's defaults (etcd endpoint and prefix,
-    /// TLS files, `--iface=eth0`, `--subnet-file`, `--bpf-pin-dir`, `--healthz-port`) followed
+    /// TLS files; in kube mode `--kube-subnet-mgr`, the kubeconfig, net-conf.json and
+    /// `NODE_NAME` instead), `--iface=eth0`, `--subnet-file`, `--bpf-pin-dir`, `--healthz-port`) followed
     /// by `extra_args`. A default is left out when `extra_args` sets the same flag. Does not
     /// wait: see [`Self::wait_ready`].
     pub async fn start_agent(&mut self, number: usize, extra_args: &[&str]) -> anyhow::Result<()> {
@@ -100,14 +101,20 @@ impl Testbed {
         let binary = flanneld_path()?;
         let pin_dir = self.bpf_pin_dir(number)?;
 
-        let mut defaults = vec![
-            ("etcd-endpoints", self.etcd_endpoint()?),
-            ("etcd-prefix", self.options.etcd_prefix.clone()),
+        let kube = self.kube_agent_defaults(number);
+        let mut defaults = match &kube {
+            Some(kube) => kube.flags.clone(),
+            None => vec![
+                ("etcd-endpoints", self.etcd_endpoint()?),
+                ("etcd-prefix", self.options.etcd_prefix.clone()),
+            ],
+        };
+        defaults.extend([
             ("iface", "eth0".to_owned()),
             ("subnet-file", node.subnet_file().display().to_string()),
             ("bpf-pin-dir", pin_dir.display().to_string()),
             ("healthz-port", AGENT_HEALTHZ_PORT.to_string()),
-        ];
+        ]);
         if let Some(tls) = self.etcd.as_ref().and_then(|e| e.tls()) {
             defaults.push(("etcd-cafile", tls.ca.display().to_string()));
             defaults.push(("etcd-certfile", tls.client_cert.display().to_string()));
@@ -115,6 +122,16 @@ impl Testbed {
         }
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.netns]).arg(&binary);
+        if let Some(kube) = &kube {
+            // `ip netns exec` passes the environment on.
+            cmd.env("NODE_NAME", &kube.node_name);
+            if !extra
+                .iter()
+                .any(|a| a.trim_start_matches('-').starts_with("kube-subnet-mgr"))
+            {
+                cmd.arg("--kube-subnet-mgr");
+            }
+        }
         for (flag, value) in defaults {
             if flag_value(&extra, flag).is_none() {
                 cmd.arg(format!("--{flag}={value}"));

@@ -81,6 +81,8 @@ pub struct TestbedOptions {
     /// Wire pods through flannel-rs's CNI plugin when it can be had (the default); when
     /// false, or when it cannot, run the `bridge` plugin with the testbed's own rendering.
     pub flannel_cni: bool,
+    /// Kube mode: the Kubernetes API emulator is the store instead of etcd (see `kube.rs`).
+    pub kube: bool,
 }
 
 impl TestbedOptions {
@@ -94,7 +96,17 @@ impl TestbedOptions {
             etcd_prefix: DEFAULT_ETCD_PREFIX.to_owned(),
             net_conf: None,
             flannel_cni: true,
+            kube: false,
         }
+    }
+
+    /// Kube mode: no etcd; the Kubernetes API emulator in the fabric, one Node object per
+    /// node with a pod CIDR, and agents with `--kube-subnet-mgr` (see `kube.rs`). Needs
+    /// [`Self::net_conf`], which agents read from a file.
+    pub fn kube(mut self) -> Self {
+        self.kube = true;
+        self.etcd = false;
+        self
     }
 
     /// Whether pods go through the flannel CNI plugin when it can be had (default true).
@@ -202,6 +214,8 @@ pub struct Testbed {
     pub(super) pods: Vec<PodState>,
     /// etcd in the fabric namespace, if started.
     pub(super) etcd: Option<EtcdServer>,
+    /// The Kubernetes API emulator in the fabric namespace, in kube mode.
+    pub(super) kube: Option<super::kube::KubeStore>,
     /// `<tmp>/flannel-rs-testbed/<prefix>`.
     pub(super) state_dir: PathBuf,
     /// Whether the bpffs under the state directory is mounted (done at the first agent start).
@@ -209,7 +223,8 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Builds the namespaces and the underlay, starts etcd and writes the network config.
+    /// Builds the namespaces and the underlay, starts etcd (or, in kube mode, the API
+    /// emulator with the Node objects) and writes the network config.
     /// Needs root. A failure part-way removes whatever was built.
     pub async fn start(options: TestbedOptions) -> anyhow::Result<Self> {
         if options.nodes == 0 || options.nodes > MAX_NODES {
@@ -227,6 +242,7 @@ impl Testbed {
             agents: Vec::new(),
             pods: Vec::new(),
             etcd: None,
+            kube: None,
             state_dir,
             bpffs_mounted: false,
         };
@@ -240,7 +256,9 @@ impl Testbed {
                 .await
                 .with_context(|| format!("building node {number}"))?;
         }
-        if testbed.options.etcd {
+        if testbed.options.kube {
+            testbed.start_kube().await?;
+        } else if testbed.options.etcd {
             testbed.start_etcd().await?;
         }
         Ok(testbed)
@@ -510,6 +528,7 @@ impl Drop for Testbed {
             slot.process.take();
         }
         self.etcd.take();
+        self.kube.take();
         for error in cleanup::remove_leftovers(&self.prefix) {
             eprintln!("testbed {}: cleanup: {error}", self.prefix);
         }

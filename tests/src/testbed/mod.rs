@@ -1,6 +1,6 @@
-//! The testbed: an N-node cluster in network namespaces on one machine, with a real etcd,
-//! real flanneld processes, pods wired by the real CNI plugins, and probes that send real
-//! traffic. Every privileged test, `cargo xtask demo` and `cargo xtask bench` build on it.
+//! The testbed: an N-node cluster in network namespaces on one machine, with a real etcd (or,
+//! in kube mode, the Kubernetes API emulator), real flanneld processes, pods wired by the real
+//! CNI plugins, and probes that send real traffic. Every privileged test, `cargo xtask demo` and `cargo xtask bench` build on it.
 //!
 //! - `cluster.rs`: [`Testbed`], the topology and addressing plan, etcd, generic helpers;
 //! - `agent.rs`: flanneld per node (start, readiness, stop, kill, restart, pause);
@@ -11,6 +11,7 @@
 //! - `cleanup.rs`: names, cleanup on drop, on Ctrl-C and of dead runs;
 //! - `inspect.rs`: a node's routes, neighbours, FDB and links, parsed from iproute2's JSON;
 //! - `leases.rs`: subnet leases in etcd, in upstream's format;
+//! - `kube.rs`: kube mode, the Kubernetes API emulator as the store (Node objects, pod CIDRs);
 //! - `upstream.rs`: a node set up by hand as upstream flanneld would (mixed clusters);
 //! - `timing.rs`: bounded polling, starting agents together, recording measurements.
 //!
@@ -47,6 +48,7 @@ pub mod cluster;
 pub mod cni;
 pub mod flannel_cni;
 pub mod inspect;
+pub mod kube;
 pub mod leases;
 pub mod netns;
 mod pods;

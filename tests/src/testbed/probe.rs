@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -75,6 +75,48 @@ pub async fn tcp_check(src_netns: &str, dst_netns: &str, dst_ip: IpAddr) -> anyh
         // Both: the client's error says what went wrong on the path, the server's whether a
         // connection arrived at all.
         (Err(client), Err(server)) => Err(client.context(format!("echo server: {server:#}"))),
+    }
+}
+
+/// Sends `datagrams` UDP datagrams of 1 KB from `src_netns` to an echo bound to `dst_ip` inside
+/// `dst_netns`, one at a time; every one must come back unchanged.
+pub async fn udp_check(src_netns: &str, dst_netns: &str, dst_ip: IpAddr, datagrams: u32) -> anyhow::Result<()> {
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    let server = netns::in_netns(dst_netns, 4 * TCP_STEP_TIMEOUT, move || {
+        let sock = UdpSocket::bind((dst_ip, 0)).with_context(|| format!("binding a UDP echo to {dst_ip}"))?;
+        let _ = port_tx.send(sock.local_addr()?.port());
+        sock.set_read_timeout(Some(TCP_STEP_TIMEOUT))?;
+        let mut buf = [0u8; 2048];
+        for _ in 0..datagrams {
+            let (n, peer) = sock.recv_from(&mut buf).context("waiting for a datagram")?;
+            sock.send_to(&buf[..n], peer)?;
+        }
+        Ok(())
+    });
+    let client = async {
+        let port = port_rx.await.context("the UDP echo was not set up")?;
+        netns::in_netns(src_netns, 4 * TCP_STEP_TIMEOUT, move || {
+            let sock = UdpSocket::bind((if dst_ip.is_ipv4() { "0.0.0.0" } else { "::" }, 0))?;
+            sock.connect((dst_ip, port))?;
+            sock.set_read_timeout(Some(TCP_STEP_TIMEOUT))?;
+            let mut buf = [0u8; 2048];
+            for i in 0..datagrams {
+                let msg = [i.to_be_bytes().as_slice(), &[7u8; 1000]].concat();
+                sock.send(&msg)?;
+                let n = sock
+                    .recv(&mut buf)
+                    .with_context(|| format!("datagram {i} to {dst_ip}:{port}"))?;
+                anyhow::ensure!(buf[..n] == msg[..], "datagram {i} came back different");
+            }
+            Ok(())
+        })
+        .await
+    };
+    match tokio::join!(client, server) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(client), Ok(())) => Err(client),
+        (Ok(()), Err(server)) => Err(server.context("UDP echo")),
+        (Err(client), Err(server)) => Err(client.context(format!("UDP echo: {server:#}"))),
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use flannel_agent::dataplane::{pinned_counters, pinned_vteps};
 use flannel_tests::testbed::netns::{self, in_netns};
+use flannel_tests::testbed::probe;
 use flannel_tests::testbed::{flanneld_path, Pod, Testbed};
 use serde_json::Value;
 
@@ -113,38 +114,7 @@ pub(crate) async fn tcp_bulk(from: &Pod, to: &Pod, bytes: usize) -> anyhow::Resu
 
 /// 50 UDP datagrams from `from` to an echo in `to`, every one must come back.
 pub(crate) async fn udp_echo(from: &Pod, to: &Pod) -> anyhow::Result<()> {
-    let dst = to.ip();
-    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-    let server = in_netns(&to.netns, Duration::from_secs(10), move || {
-        let sock = UdpSocket::bind((dst, 0))?;
-        let _ = port_tx.send(sock.local_addr()?.port());
-        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut buf = [0u8; 2048];
-        for _ in 0..50 {
-            let (n, peer) = sock.recv_from(&mut buf)?;
-            sock.send_to(&buf[..n], peer)?;
-        }
-        Ok(())
-    });
-    let client = async {
-        let port = port_rx.await.context("no UDP echo")?;
-        in_netns(&from.netns, Duration::from_secs(10), move || {
-            let sock = UdpSocket::bind(("0.0.0.0", 0))?;
-            sock.connect((dst, port))?;
-            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let mut buf = [0u8; 2048];
-            for i in 0..50u32 {
-                let msg = [i.to_be_bytes().as_slice(), &[7u8; 1000]].concat();
-                sock.send(&msg)?;
-                let n = sock.recv(&mut buf)?;
-                ensure!(buf[..n] == msg[..], "datagram {i} came back different");
-            }
-            Ok(())
-        })
-        .await
-    };
-    let (c, s) = tokio::join!(client, server);
-    c.and(s)
+    probe::udp_check(&from.netns, &to.netns, to.ip(), 50).await
 }
 
 /// The flannelctl peers rows, checked to be in sync with `expected` leases.

@@ -1,0 +1,157 @@
+//! Privileged tests of a 3-node cluster in kube mode: the Kubernetes API emulator is the store
+//! (Node objects with pod CIDRs, as kube-controller-manager assigns them), real flanneld with
+//! `--kube-subnet-mgr` on every node, pods wired by the flannel CNI plugin. With the vxlan
+//! backend on the eBPF and on the kernel datapath: every node publishes its lease as
+//! annotations and sets NetworkUnavailable=False; the pod matrix is full over ICMP, TCP and
+//! UDP; deleting a Node object takes its routes (and FDB entry or eBPF map entry) away on the
+//! others, while the remaining pods still reach each other.
+//!
+//! They need root; outside CI they skip loudly without it. Build the binaries first
+//! (`cargo build -p flannel-agent --bins`). `--nocapture` shows the matrices.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use flannel_agent::dataplane::pinned_vteps;
+use flannel_tests::testbed::kube::{pod_cidr, ANNOTATION_PREFIX};
+use flannel_tests::testbed::probe::{ping_attempts, udp_check};
+use flannel_tests::testbed::{require_root, wait_for, Pod, Testbed, TestbedOptions};
+use ipnet::IpNet;
+use serde_json::Value;
+
+/// Bound on an agent becoming ready.
+const READY: Duration = Duration::from_secs(30);
+/// Bound on a change in the API reaching the datapath of other nodes.
+const CONVERGE: Duration = Duration::from_secs(15);
+/// UDP datagrams per pod pair.
+const DATAGRAMS: u32 = 10;
+
+const EBPF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"ebpf"}}"#;
+const KERNEL: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Datapath":"kernel"}}"#;
+
+/// The annotations every agent must have written, and the NetworkUnavailable condition.
+fn check_node_object(tb: &Testbed, number: usize) -> anyhow::Result<()> {
+    let api = tb.kube_api().context("kube mode")?;
+    let name = tb.kube_node_name(number);
+    let node = api.node(&name).with_context(|| format!("Node {name}"))?;
+    let ann = &node["metadata"]["annotations"];
+    let get = |k: &str| ann[format!("{ANNOTATION_PREFIX}{k}")].as_str().map(str::to_owned);
+    ensure!(get("kube-subnet-manager").as_deref() == Some("true"), "{name}: {ann:#}");
+    ensure!(get("backend-type").as_deref() == Some("vxlan"), "{name}: {ann:#}");
+    let public_ip = tb.node(number).ip.to_string();
+    ensure!(get("public-ip") == Some(public_ip), "{name}: {ann:#}");
+    let data: Value = serde_json::from_str(&get("backend-data").context("no backend-data")?)?;
+    ensure!(data["VNI"] == 1 && data["VtepMAC"].is_string(), "{name}: {data}");
+    let conds = node["status"]["conditions"].as_array().context("no conditions")?;
+    let nu = conds
+        .iter()
+        .find(|c| c["type"] == "NetworkUnavailable")
+        .with_context(|| format!("{name} has no NetworkUnavailable condition"))?;
+    ensure!(nu["status"] == "False" && nu["reason"] == "FlannelIsUp", "{name}: {nu}");
+    Ok(())
+}
+
+/// Every ordered pair of `pods` exchanges UDP datagrams.
+async fn udp_matrix(pods: &[Pod]) -> anyhow::Result<()> {
+    for from in pods {
+        for to in pods.iter().filter(|p| p.name != from.name) {
+            udp_check(&from.netns, &to.netns, to.ip(), DATAGRAMS)
+                .await
+                .with_context(|| format!("UDP {} -> {} ({})", from.name, to.name, to.ip()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether node `number` has a route to `dst`, and, with the eBPF datapath, how many VTEPs
+/// its pinned map holds.
+async fn routes_to(tb: &mut Testbed, number: usize, dst: IpNet, ebpf: bool) -> anyhow::Result<(bool, Option<usize>)> {
+    let route = tb.route_to(number, dst).await?.is_some();
+    let vteps = if ebpf {
+        Some(pinned_vteps(&tb.bpf_pin_dir(number)?)?.len())
+    } else {
+        None
+    };
+    Ok((route, vteps))
+}
+
+async fn kube_cluster(net_conf: &str, ebpf: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tb = Testbed::start(TestbedOptions::new(3).net_conf(net_conf).kube()).await?;
+    tb.start_agents(&[1, 2, 3], &["--ip-masq"], READY).await?;
+    for n in 1..=3 {
+        check_node_object(&tb, n)?;
+        let (subnet, _) = tb.node_subnets(n)?;
+        let want = pod_cidr(net_conf, n)?;
+        ensure!(
+            subnet == Some(want),
+            "node {n}: subnet.env has {subnet:?}, Node has {want}"
+        );
+    }
+    let mut pods = Vec::new();
+    for n in 1..=3 {
+        pods.push(tb.add_pod(n, &format!("k{n}")).await?);
+    }
+    let matrix = tb.connectivity_matrix(&pods).await;
+    println!("kube mode, vxlan, ebpf={ebpf}:\n{matrix}");
+    matrix.assert_full();
+    udp_matrix(&pods).await?;
+
+    // The Node object of node 3 goes (kubectl delete node): the others drop its route.
+    let gone = IpNet::V4(pod_cidr(net_conf, 3)?);
+    let kept = IpNet::V4(pod_cidr(net_conf, 2)?);
+    for n in [1, 2] {
+        let (route, vteps) = routes_to(&mut tb, n, gone, ebpf).await?;
+        ensure!(route, "node {n} has no route to {gone} before the deletion");
+        ensure!(vteps.is_none_or(|v| v == 2), "node {n}: {vteps:?} VTEPs in the map");
+    }
+    let api = tb.kube_api().context("kube mode")?;
+    ensure!(api.delete_node(&tb.kube_node_name(3)), "Node n3 was there");
+    let t0 = Instant::now();
+    for n in [1, 2] {
+        wait_for(&format!("node {n} drops its route to {gone}"), CONVERGE, || {
+            let tb = &tb;
+            async move {
+                let route = tb.route_to(n, gone).await?;
+                ensure!(route.is_none(), "still there: {route:?}");
+                Ok(())
+            }
+        })
+        .await?;
+        if ebpf {
+            let vteps = pinned_vteps(&tb.bpf_pin_dir(n)?)?;
+            ensure!(vteps.len() == 1, "node {n} still has {vteps:?}");
+        }
+    }
+    println!("Node n3 deleted -> routes gone on n1 and n2 in {:?}", t0.elapsed());
+    let (route, _) = routes_to(&mut tb, 1, kept, ebpf).await?;
+    ensure!(route, "node 1 lost its route to node 2's {kept}");
+    let (a, b) = (&pods[0], &pods[1]);
+    tb.tcp_check(a, b).await.context("n1 -> n2 after the deletion")?;
+    ensure!(tb.ping(b, a.ip()).await, "n2 -> n1 after the deletion");
+    udp_check(&a.netns, &b.netns, b.ip(), DATAGRAMS).await?;
+    // One attempt: the path was shown to work, so a lost echo means no route.
+    ensure!(
+        !ping_attempts(&a.netns, pods[2].ip(), 1).await,
+        "{} still reaches the pod of the deleted node",
+        a.name
+    );
+    println!("kube cluster test took {:?}", started.elapsed());
+    tb.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_mode_vxlan_ebpf_matrix_and_node_deletion() -> anyhow::Result<()> {
+    if !require_root("kube_mode_vxlan_ebpf_matrix_and_node_deletion") {
+        return Ok(());
+    }
+    kube_cluster(EBPF, true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_mode_vxlan_kernel_matrix_and_node_deletion() -> anyhow::Result<()> {
+    if !require_root("kube_mode_vxlan_kernel_matrix_and_node_deletion") {
+        return Ok(());
+    }
+    kube_cluster(KERNEL, false).await
+}
