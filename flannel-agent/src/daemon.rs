@@ -119,6 +119,9 @@ pub async fn run(
     let info = backend.prepare(&ext, &config).await?;
     health.update(|s| s.backend = backend.name().into());
     health.set_datapath(backend.status());
+    if let Some(live) = backend.live_report() {
+        health.set_live(live);
+    }
 
     let attrs = LeaseAttrs {
         public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),

@@ -25,6 +25,17 @@ pub struct Health {
     status: Mutex<Status>,
     /// The backend's own report (`Backend::status`), served on `/status/datapath`.
     datapath: Mutex<serde_json::Value>,
+    /// Counters the backend keeps itself (the udp proxy's), read at each request.
+    live: Mutex<Option<Arc<dyn LiveReport>>>,
+}
+
+/// Counters a backend updates continuously (rather than at each reconcile), read when
+/// `/status/datapath` or `/metrics` is requested.
+pub trait LiveReport: Send + Sync + std::fmt::Debug {
+    /// Merged into `/status/datapath` under `"counters"`.
+    fn json(&self) -> serde_json::Value;
+    /// Appended to `/metrics` (Prometheus text).
+    fn render(&self, out: &mut String);
 }
 
 /// The agent's state as `/status` shows it.
@@ -58,6 +69,7 @@ impl Health {
                 ..Status::default()
             }),
             datapath: Mutex::new(serde_json::Value::Null),
+            live: Mutex::new(None),
         }
     }
 
@@ -71,9 +83,31 @@ impl Health {
         *self.datapath.lock().unwrap_or_else(|p| p.into_inner()) = report;
     }
 
-    /// A copy of the backend's report.
+    /// Registers the backend's live counters.
+    pub fn set_live(&self, live: Arc<dyn LiveReport>) {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
+    }
+
+    fn live(&self) -> Option<Arc<dyn LiveReport>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A copy of the backend's report, with its live counters as they are now.
     pub fn datapath(&self) -> serde_json::Value {
-        self.datapath.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut v = self.datapath.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(live), Some(obj)) = (self.live(), v.as_object_mut()) {
+            obj.insert("counters".into(), live.json());
+        }
+        v
+    }
+
+    /// `/metrics`: the agent's counters and the backend's live ones.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render();
+        if let Some(live) = self.live() {
+            live.render(&mut out);
+        }
+        out
     }
 
     /// A copy of the current status.
@@ -108,7 +142,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, shutd
         .route("/readyz", any(readyz))
         .route(
             "/metrics",
-            any(|State(h): State<Arc<Health>>| async move { h.metrics.render() }),
+            any(|State(h): State<Arc<Health>>| async move { h.render_metrics() }),
         )
         .route(
             "/status",

@@ -199,8 +199,9 @@ fn make_backend(config: &NetworkConfig, ebpf: &EbpfSettings) -> Result<Box<dyn B
             ebpf.clone(),
         )?)),
         "host-gw" => Ok(Box::new(backend::hostgw::HostGwBackend::new(config)?)),
+        "udp" => Ok(Box::new(backend::udp::UdpBackend::new(config)?)),
         _ => Err(BackendError::Unsupported(format!(
-            "unknown backend type: {ty:?}; this build supports \"vxlan\", \"host-gw\" and \"none\""
+            "unknown backend type: {ty:?}; this build supports \"vxlan\", \"host-gw\", \"udp\" and \"none\""
         ))),
     }
 }

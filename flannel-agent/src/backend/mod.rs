@@ -10,6 +10,7 @@
 pub mod hostgw;
 pub mod none;
 pub mod routes;
+pub mod udp;
 pub mod vxlan;
 
 use async_trait::async_trait;
@@ -83,6 +84,12 @@ pub trait Backend: Send {
     /// why, the peers as programmed); `null` for a backend with nothing to say.
     fn status(&self) -> Value {
         Value::Null
+    }
+
+    /// Counters the backend updates on its own (a userspace datapath's), for `/metrics`
+    /// and `/status/datapath`; asked once, after [`Backend::prepare`].
+    fn live_report(&self) -> Option<std::sync::Arc<dyn crate::health::LiveReport>> {
+        None
     }
 }
 

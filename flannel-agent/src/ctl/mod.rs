@@ -1,7 +1,8 @@
 //! `flannelctl`: looks at a running flannel-rs node.
 //!
 //! - `status`: the agent's lease, backend, and the datapath in use with the reason for it,
-//!   from the agent's healthz server (`/status` and `/status/datapath`; `--healthz`);
+//!   from the agent's healthz server (`/status` and `/status/datapath`; `--healthz`); with
+//!   the udp backend also its device and its packet, byte and drop counters;
 //! - `peers`: every lease the agent programs beside the eBPF map entry for it, read from the
 //!   pinned maps directly (so it shows what the kernel really uses), with drift flagged;
 //! - `uninstall`: detaches every flannel-rs eBPF program and removes the pins, leaving the
@@ -121,6 +122,27 @@ fn status(cli: &Cli) -> anyhow::Result<u8> {
             },
             e.get("vteps").and_then(Value::as_u64).unwrap_or(0),
         ));
+    }
+    if let Some(u) = datapath.get("udp") {
+        text.push_str(&format!(
+            "udp:        device {}, MTU {}, port {}, {} routes\n",
+            s(u, "device"),
+            u.get("mtu").and_then(Value::as_u64).unwrap_or(0),
+            u.get("port").and_then(Value::as_u64).unwrap_or(0),
+            u.get("routes").and_then(Value::as_array).map_or(0, Vec::len),
+        ));
+    }
+    if let Some(c) = datapath.get("counters").and_then(Value::as_object) {
+        text.push_str("counters:\n");
+        for (name, v) in c.iter().filter(|(_, v)| !v.is_object()) {
+            text.push_str(&format!("  {name:<30} {v}\n"));
+        }
+        if let Some(drops) = c.get("drops").and_then(Value::as_object) {
+            text.push_str("drops:\n");
+            for (name, v) in drops {
+                text.push_str(&format!("  {name:<30} {v}\n"));
+            }
+        }
     }
     print(cli, json!({"agent": agent, "datapath": datapath}), &text);
     Ok(0)

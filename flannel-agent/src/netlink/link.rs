@@ -139,6 +139,17 @@ impl Netlink {
             .map_err(|e| NetlinkError::request(format!("set link {index} up"), e))
     }
 
+    /// `ip link set <index> mtu <mtu>`.
+    pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request(format!("set link {index} mtu {mtu}"), e))
+    }
+
     /// `ip link set <index> address <mac>`.
     pub async fn set_link_mac(&self, index: u32, mac: MacAddr) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build();

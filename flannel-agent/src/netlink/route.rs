@@ -118,6 +118,25 @@ impl Netlink {
             .map_err(|e| NetlinkError::request(op(), e))
     }
 
+    /// `ip route replace <dst> dev <oif> scope universe proto <protocol>`: a route with no
+    /// gateway, as upstream's udp backend installs for the whole cluster network through
+    /// its TUN device (a point-to-point device needs no next hop).
+    pub async fn replace_device_route(&self, dst: ipnet::Ipv4Net, oif: u32, protocol: u8) -> Result<(), NetlinkError> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(oif)
+            .build();
+        msg.header.protocol = RouteProtocol::from(protocol);
+        msg.header.scope = RouteScope::Universe;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request(format!("replace route {dst} dev {oif}"), e))
+    }
+
     /// Deletes exactly `r` (matching its gateway, device, metric, protocol, scope and
     /// type); a route already gone is not an error.
     pub async fn delete_route(&self, r: &RouteEntry) -> Result<(), NetlinkError> {
