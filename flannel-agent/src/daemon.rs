@@ -292,9 +292,10 @@ async fn reconcile_loop(
         let set = peers.borrow_and_update().clone();
         // Nothing to converge on until the subnet manager has read the store once.
         if set.complete {
+            let began = Instant::now();
             match backend.reconcile(&set).await {
                 Ok(n) => {
-                    health.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+                    health.metrics.reconciled(began.elapsed());
                     health.set_datapath(backend.status());
                     backoff.reset();
                     retry_at = None;

@@ -63,9 +63,22 @@ pub struct Metrics {
     pub reconciles: AtomicU64,
     /// Datapath reconciliations that failed (retried).
     pub reconcile_errors: AtomicU64,
+    /// How long the last successful reconciliation took, in microseconds.
+    pub reconcile_last_us: AtomicU64,
+    /// The longest successful reconciliation so far, in microseconds: usually the first,
+    /// which programs every peer.
+    pub reconcile_max_us: AtomicU64,
 }
 
 impl Metrics {
+    /// Records the duration of one successful reconciliation.
+    pub fn reconciled(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.reconcile_last_us.store(us, Ordering::Relaxed);
+        self.reconcile_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
     /// Counts one rejected lease.
     pub fn reject(&self, why: Rejection) {
         let i = Rejection::ALL.iter().position(|r| *r == why).unwrap_or(0);
@@ -95,6 +108,13 @@ impl Metrics {
             ("flannel_reconcile_errors_total", &self.reconcile_errors),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        }
+        for (name, us) in [
+            ("flannel_reconcile_last_duration_seconds", &self.reconcile_last_us),
+            ("flannel_reconcile_max_duration_seconds", &self.reconcile_max_us),
+        ] {
+            let secs = us.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {secs:.6}");
         }
         out
     }

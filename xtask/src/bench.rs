@@ -30,6 +30,9 @@ pub struct Args {
     /// Remote leases for the programming test (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     leases: usize,
+    /// Only the lease programming test (no datapath variants).
+    #[arg(long)]
+    leases_only: bool,
 }
 
 /// Runs the benchmark.
@@ -75,6 +78,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if args.smoke {
         cmd.arg("--smoke");
+    }
+    if args.leases_only {
+        cmd.arg("--leases-only");
     }
     let status = cmd.status().context("running the benchmark driver")?;
     if !status.success() {

@@ -12,6 +12,7 @@
 //!   neighbour and FDB entries, and routes.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
 mod addr;
 mod bridge;
@@ -23,6 +24,7 @@ pub(crate) mod lab;
 mod link;
 mod mac;
 mod neigh;
+mod pipeline;
 mod route;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -33,6 +35,7 @@ pub use iface::{ExternalInterface, HostView, IfaceError, IfaceSelection};
 pub use link::{disable_accept_ra, LinkDetails, VxlanParams};
 pub use mac::{MacAddr, MacParseError};
 pub use neigh::{FdbEntry, Neighbour};
+pub use pipeline::{pipelined, REQUEST_TIMEOUT, WINDOW};
 pub use route::{NextHop, RouteEntry, RouteSpec, RTN_UNICAST, RTPROT_KERNEL};
 
 /// A handle on an rtnetlink socket in the network namespace of the thread that
@@ -48,10 +51,36 @@ impl Netlink {
     ///
     /// Panics if called outside a tokio runtime (the task has to run somewhere).
     pub fn new() -> Result<Self, NetlinkError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        let (mut connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        grow_receive_buffer(connection.socket_mut().as_raw_fd());
         tokio::spawn(connection);
         Ok(Self { handle })
     }
+}
+
+/// Asks for [`pipeline::RECV_BUFFER`] bytes of receive buffer: with many requests in flight
+/// ([`pipelined`]) their answers queue there, and an answer that does not fit is dropped by
+/// the kernel. `SO_RCVBUFFORCE` (root, `CAP_NET_ADMIN`) may exceed `net.core.rmem_max`;
+/// without the capability `SO_RCVBUF` gets what the sysctl allows, and a lost answer
+/// surfaces as a timeout of that one request.
+fn grow_receive_buffer(fd: RawFd) {
+    let size = libc::c_int::try_from(pipeline::RECV_BUFFER).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: fd is the open netlink socket; the option value is a c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                std::ptr::from_ref(&size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+    tracing::debug!(error = %io::Error::last_os_error(), "could not grow the rtnetlink receive buffer");
 }
 
 /// A netlink operation that failed.
@@ -68,6 +97,10 @@ pub enum NetlinkError {
         /// The error from rtnetlink.
         cause: rtnetlink::Error,
     },
+    /// The kernel did not answer a request in time (its answer was lost, for example
+    /// because the socket's receive buffer overflowed); the next reconcile retries.
+    #[error("netlink request got no answer within {} s", .0.as_secs())]
+    Timeout(std::time::Duration),
 }
 
 impl NetlinkError {
@@ -84,7 +117,7 @@ impl NetlinkError {
                 cause: rtnetlink::Error::NetlinkError(msg),
                 ..
             } => Some(msg.raw_code().abs()),
-            NetlinkError::Request { .. } => None,
+            NetlinkError::Request { .. } | NetlinkError::Timeout(_) => None,
         }
     }
 }

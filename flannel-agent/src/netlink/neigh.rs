@@ -24,7 +24,7 @@ pub struct Neighbour {
 }
 
 /// A forwarding-database entry of a VXLAN device (`bridge fdb ... self`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FdbEntry {
     /// The inner destination MAC.
     pub mac: MacAddr,

@@ -4,6 +4,13 @@
 //! (`proto 102`, the last of neighbour, FDB entry and route the kernel datapath programs per
 //! peer) and, with the eBPF datapath, N entries in the pinned `FLANNEL_VTEPS` map (which it
 //! fills after the kernel entries).
+//!
+//! Two more figures come from the agent itself (`/metrics`): how long its reconcile that
+//! programmed the peers took, which runs from the complete peer set arriving to everything
+//! programmed (`flannel_reconcile_max_duration_seconds`), and, after [`STEADY_RECONCILES`]
+//! periodic reconciles with nothing changed, how long the last one took, the CPU time the
+//! agent used per reconcile over that window, and how many of them wrote anything (should be
+//! none: the agent logs `vxlan datapath reconciled` only when it changed something).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -23,6 +30,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long to wait for the BPF map after the routes are complete before concluding that
 /// the eBPF datapath is not active.
 const MAP_GRACE: Duration = Duration::from_secs(10);
+/// Periodic reconciles (every 10 s) watched after programming for the steady state.
+const STEADY_RECONCILES: u64 = 2;
+/// The agent's log line for a reconcile that changed something.
+const CHANGED_LINE: &str = "vxlan datapath reconciled";
 
 /// The outcome of one programming run.
 #[derive(Debug, Clone)]
@@ -43,8 +54,27 @@ pub struct LeaseRun {
     pub map_s: Option<f64>,
     /// Map entries seen at the end; `None` when no map was pinned.
     pub map_seen: Option<usize>,
+    /// The agent's longest reconcile: the one that programmed the peers, from the complete
+    /// peer set to everything programmed.
+    pub program_reconcile_s: Option<f64>,
+    /// The steady state, once everything was programmed.
+    pub steady: Option<Steady>,
     /// What the run shows, in words (the headline or why there is none).
     pub outcome: String,
+}
+
+/// Periodic reconciles with nothing to change.
+#[derive(Debug, Clone, Copy)]
+pub struct Steady {
+    /// Reconciles watched.
+    pub reconciles: u64,
+    /// How long the last one took (agent-side).
+    pub last_s: f64,
+    /// The agent's CPU time (user + system) over the window, per reconcile: an upper bound,
+    /// since the window also holds its idle work (etcd watch, lease renewal).
+    pub cpu_per_reconcile_s: f64,
+    /// Reconciles in the window that changed anything.
+    pub writing: usize,
 }
 
 impl LeaseRun {
@@ -69,6 +99,11 @@ impl LeaseRun {
             "map_complete_s": self.map_s,
             "map_entries_seen": self.map_seen,
             "result_s": self.result_s(),
+            "program_reconcile_s": self.program_reconcile_s,
+            "steady_reconciles": self.steady.map(|s| s.reconciles),
+            "steady_reconcile_s": self.steady.map(|s| s.last_s),
+            "steady_cpu_per_reconcile_s": self.steady.map(|s| s.cpu_per_reconcile_s),
+            "steady_reconciles_writing": self.steady.map(|s| s.writing),
             "outcome": self.outcome,
         })
     }
@@ -141,6 +176,8 @@ pub async fn program_leases(datapath: &'static str, count: usize, timeout: Durat
         routes_seen: 0,
         map_s: None,
         map_seen: None,
+        program_reconcile_s: None,
+        steady: None,
         outcome: String::new(),
     };
     let mut map_error = String::new();
@@ -199,8 +236,79 @@ pub async fn program_leases(datapath: &'static str, count: usize, timeout: Durat
         }
         tokio::time::sleep(POLL).await;
     }
+    if run.outcome == "complete" {
+        match steady_state(&mut tb, &netns, readyz, timeout).await {
+            Ok((program, steady)) => {
+                run.program_reconcile_s = Some(program);
+                run.steady = Some(steady);
+            }
+            Err(e) => run.outcome = format!("complete; steady state not measured: {e:#}"),
+        }
+    }
     drop(tb);
     Ok(run)
+}
+
+/// One gauge or counter from the agent's `/metrics`.
+fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').context("malformed /proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields.get(i).context("short /proc/<pid>/stat")?.parse()?) };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// After programming: the agent's programming reconcile, then [`STEADY_RECONCILES`] periodic
+/// ones with nothing to change.
+async fn steady_state(
+    tb: &mut Testbed,
+    netns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<(f64, Steady)> {
+    let metrics = || async {
+        let (code, body) = probe::http_get(netns, addr, "/metrics").await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        anyhow::Ok(body)
+    };
+    let before = metrics().await?;
+    let n0 = metric(&before, "flannel_reconciles_total")? as u64;
+    let pid = tb.agent(1)?.id();
+    let cpu0 = cpu_seconds(pid)?;
+    let changed0 = tb.agent_logs(1)?.matches(CHANGED_LINE).count();
+    let deadline = Instant::now() + timeout;
+    let after = loop {
+        let m = metrics().await?;
+        if metric(&m, "flannel_reconciles_total")? as u64 >= n0 + STEADY_RECONCILES {
+            break m;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "fewer than {STEADY_RECONCILES} reconciles in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let n = metric(&after, "flannel_reconciles_total")? as u64 - n0;
+    let steady = Steady {
+        reconciles: n,
+        last_s: metric(&after, "flannel_reconcile_last_duration_seconds")?,
+        cpu_per_reconcile_s: cpu / n as f64,
+        writing: tb.agent_logs(1)?.matches(CHANGED_LINE).count() - changed0,
+    };
+    Ok((metric(&after, "flannel_reconcile_max_duration_seconds")?, steady))
 }
 
 #[cfg(test)]

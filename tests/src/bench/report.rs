@@ -422,9 +422,12 @@ impl Report {
             let n = self.leases[0].leases;
             let _ = writeln!(
                 out,
-                "\nProgramming {n} remote leases (pre-written to etcd; clock from agent start; polled every 0.1 s):\n\n\
-                 | Datapath asked | agent ready | all {n} routes (netlink) | all {n} FLANNEL_VTEPS entries | outcome |\n\
-                 |---|---|---|---|---|"
+                "\nProgramming {n} remote leases (pre-written to etcd; clock from agent start; polled every 0.1 s; \
+                 the agent's reconcile runs from the complete peer set to everything programmed; steady: \
+                 periodic reconciles afterwards, with the agent's CPU per reconcile and how many wrote anything):\n\n\
+                 | Datapath asked | agent ready | all {n} routes (netlink) | all {n} FLANNEL_VTEPS entries | \
+                 agent's programming reconcile | steady reconcile | steady CPU / reconcile | steady reconciles writing | outcome |\n\
+                 |---|---|---|---|---|---|---|---|---|"
             );
             for l in &self.leases {
                 let map = match (l.map_s, l.map_seen) {
@@ -432,12 +435,19 @@ impl Report {
                     (None, Some(seen)) => format!("– ({seen} seen)"),
                     (None, None) => "– (no map)".to_owned(),
                 };
+                let ms = |s: Option<f64>| s.map_or_else(|| "–".to_owned(), |s| format!("{:.1} ms", s * 1e3));
+                let writing = l
+                    .steady
+                    .map_or_else(|| "–".to_owned(), |s| format!("{} of {}", s.writing, s.reconciles));
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {map} | {} |",
+                    "| {} | {} | {} | {map} | {} | {} | {} | {writing} | {} |",
                     l.datapath,
                     show_secs(l.ready_s),
                     show_secs(l.routes_s),
+                    show_secs(l.program_reconcile_s),
+                    ms(l.steady.map(|s| s.last_s)),
+                    ms(l.steady.map(|s| s.cpu_per_reconcile_s)),
                     l.outcome.replace('|', "/").replace('\n', " ")
                 );
             }

@@ -17,6 +17,8 @@ mod config;
 mod device;
 pub mod ebpf;
 #[cfg(test)]
+mod netns_bulk_tests;
+#[cfg(test)]
 mod netns_gc_tests;
 #[cfg(test)]
 mod netns_tests;
@@ -279,11 +281,14 @@ impl Backend for VxlanBackend {
             // IPv4: the kernel's entries and the eBPF map, in the order that never leaves the
             // programs a VTEP the kernel has no entries for (see the `ebpf` module).
             let views = ebpf::peer_views(&desired, &leases, self.opts.vni);
+            let t = std::time::Instant::now();
             if let Some(e) = self.ebpf.as_mut() {
                 tally.changes += usize::from(e.follow_device(&self.opts, &vtep)?);
                 tally.changes += e.remove_gone(&views, peers.complete)?;
             }
+            tally.time("map", t);
             sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
+            let t = std::time::Instant::now();
             if let Some(e) = self.ebpf.as_mut() {
                 tally.changes += e.apply(&views, &tally.failed_peers, peers.complete)?;
                 if let Some(subnet) = self.own.as_ref().and_then(|l| l.subnet) {
@@ -297,6 +302,7 @@ impl Backend for VxlanBackend {
                     }
                 }
             }
+            tally.time("map", t);
             self.last_peers = views;
         }
         let keep: HashSet<&String> = peers.leases.keys().collect();

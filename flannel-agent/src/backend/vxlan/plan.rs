@@ -1,7 +1,7 @@
 //! What the vxlan backend wants in the kernel for a peer set (pure), and how the
 //! neighbour and FDB tables of its device differ from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -157,20 +157,25 @@ pub fn plan_l2(
     actual_fdb: &[FdbEntry],
     complete: bool,
 ) -> L2Plan {
+    // Indexed once, so that comparing 10,000 peers with 10,000 entries stays linear.
+    let have_neigh: HashSet<(IpAddr, MacAddr)> = actual_neigh
+        .iter()
+        .filter(|n| n.permanent)
+        .filter_map(|n| Some((n.ip, n.mac?)))
+        .collect();
+    let have_fdb: HashSet<(MacAddr, IpAddr)> = actual_fdb
+        .iter()
+        .filter(|f| f.permanent)
+        .filter_map(|f| Some((f.mac, f.dst?)))
+        .collect();
     let mut p = L2Plan::default();
     for (&ip, &mac) in neigh {
-        if !actual_neigh
-            .iter()
-            .any(|n| n.ip == ip && n.permanent && n.mac == Some(mac))
-        {
+        if !have_neigh.contains(&(ip, mac)) {
             p.neigh_replace.push((ip, mac));
         }
     }
     for (&mac, &dst) in fdb {
-        if !actual_fdb
-            .iter()
-            .any(|f| f.mac == mac && f.permanent && f.dst == Some(dst))
-        {
+        if !have_fdb.contains(&(mac, dst)) {
             p.fdb_replace.push((mac, dst));
         }
     }
