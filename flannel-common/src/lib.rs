@@ -48,18 +48,21 @@ pub const MAP_PEER_STATS: &str = "FLANNEL_PEER_STATS";
 pub const MAP_LOCAL_PODS: &str = "FLANNEL_LOCAL_PODS";
 /// Name of the per-CPU array of the pod fast path's counters, indexed by [`PodStat`].
 pub const MAP_POD_STATS: &str = "FLANNEL_POD_STATS";
+/// Name of the per-CPU array of `flannel_xdp_decap`'s counters, indexed by [`XdpStat`].
+pub const MAP_XDP_STATS: &str = "FLANNEL_XDP_STATS";
 /// Every map the agent pins, and expects in the built object.
 ///
-/// The last three came after version 1 was released without them. Adding a map does not
+/// The last four came after version 1 was released without them. Adding a map does not
 /// change the layout of the others, so it needs no [`DATAPATH_VERSION`] bump: an agent that
 /// finds the older pins reuses them and creates the new maps beside them.
-pub const MAP_NAMES: [&str; 6] = [
+pub const MAP_NAMES: [&str; 7] = [
     MAP_VTEPS,
     MAP_VTEP_ADDRS,
     MAP_STATS,
     MAP_PEER_STATS,
     MAP_LOCAL_PODS,
     MAP_POD_STATS,
+    MAP_XDP_STATS,
 ];
 
 /// Name of the TC classifier for the egress of `flannel.<VNI>`: encapsulates IPv4 packets for
@@ -76,8 +79,13 @@ pub const PROG_PROBE: &str = "flannel_probe";
 /// fast path): encapsulates IPv4 packets from the pod to a remote pod subnet and redirects
 /// them straight to the underlay device, skipping the bridge and the host's routing.
 pub const PROG_POD_EGRESS: &str = "flannel_pod_egress";
+/// Name of the XDP program for the underlay device (vxlan option `DecapMode: "xdp"`): strips
+/// the outer headers of VXLAN from known VTEPs before an skb exists, marks the frame in its
+/// XDP metadata ([`XdpMeta`]) and passes it on, so that GRO aggregates the inner flow and
+/// `flannel_decap` only has to deliver it.
+pub const PROG_XDP_DECAP: &str = "flannel_xdp_decap";
 /// Every program the agent expects in the built object.
-pub const PROGRAM_NAMES: [&str; 4] = [PROG_ENCAP, PROG_DECAP, PROG_PROBE, PROG_POD_EGRESS];
+pub const PROGRAM_NAMES: [&str; 5] = [PROG_ENCAP, PROG_DECAP, PROG_PROBE, PROG_POD_EGRESS, PROG_XDP_DECAP];
 
 /// Name of the global ([`DatapathConfig`]) that the agent sets at load time.
 pub const GLOBAL_CONFIG: &str = "FLANNEL_CONFIG";
@@ -207,6 +215,86 @@ pub const CFG_F_DECAP_L4_UDP: u32 = 1 << 1;
 /// `flannel_pod_egress` does nothing without it, and `flannel_decap` then ignores
 /// [`MAP_LOCAL_PODS`].
 pub const CFG_F_POD_FAST_PATH: u32 = 1 << 2;
+
+/// [`DatapathConfig::flags`] bit: `flannel_xdp_decap` runs on the underlay device (vxlan
+/// option `DecapMode: "xdp"`), so `flannel_decap` accepts frames it marked. Without the bit
+/// `flannel_decap` ignores XDP metadata altogether.
+pub const CFG_F_XDP_DECAP: u32 = 1 << 3;
+
+/// [`XdpMeta::magic`]: "FLXD".
+pub const XDP_META_MAGIC: u32 = 0x464c_5844;
+
+/// The XDP metadata `flannel_xdp_decap` puts in front of a frame it decapsulated, which
+/// `flannel_decap` reads from `__sk_buff::data_meta`. Only XDP programs write metadata, so a
+/// frame carrying it was stripped on this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct XdpMeta {
+    /// [`XDP_META_MAGIC`], native byte order.
+    pub magic: u32,
+    /// The outer source address of the VXLAN packet (the peer's VTEP), for the per-peer
+    /// counters.
+    pub vtep_ip: [u8; 4],
+}
+
+// XDP metadata lengths must be multiples of 4.
+const _: () = assert!(size_of::<XdpMeta>() == 8);
+
+/// Index of a counter in [`MAP_XDP_STATS`]; each slot is a per-CPU `u64`. Every frame
+/// `flannel_xdp_decap` sees is counted in exactly one of the packet counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XdpStat {
+    /// Frames whose outer headers were stripped and which were marked and passed on.
+    StripPackets = 0,
+    /// Bytes of those, as passed on (inner frame).
+    StripBytes = 1,
+    /// Passed unchanged: not VXLAN for this VTEP and VNI.
+    PassNotVxlan = 2,
+    /// Passed unchanged: VXLAN for us that `flannel_decap` or the kernel handles (the cases of
+    /// [`Stat::DecapPassKernel`], or metadata unsupported by the driver).
+    PassKernel = 3,
+    /// Dropped: the outer source is not a known VTEP (as [`Stat::DecapDropUnknownVtep`]).
+    DropUnknownVtep = 4,
+}
+
+impl XdpStat {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 5] = [
+        Self::StripPackets,
+        Self::StripBytes,
+        Self::PassNotVxlan,
+        Self::PassKernel,
+        Self::DropUnknownVtep,
+    ];
+    /// Number of slots in [`MAP_XDP_STATS`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The slot of this counter in [`MAP_XDP_STATS`].
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// A stable snake_case name for metrics, logs and `flannelctl`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::StripPackets => "xdp_strip_packets",
+            Self::StripBytes => "xdp_strip_bytes",
+            Self::PassNotVxlan => "xdp_pass_not_vxlan",
+            Self::PassKernel => "xdp_pass_kernel",
+            Self::DropUnknownVtep => "xdp_drop_unknown_vtep",
+        }
+    }
+}
+
+// `ALL` must list every variant in index order, or `COUNT` under-sizes the map.
+const _: () = {
+    let mut i = 0;
+    while i < XdpStat::ALL.len() {
+        assert!(XdpStat::ALL[i].index() as usize == i);
+        i += 1;
+    }
+};
 
 /// Value of [`MAP_LOCAL_PODS`]: how to deliver a decapsulated packet straight into a local
 /// pod with `bpf_redirect_peer`.

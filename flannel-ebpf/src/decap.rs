@@ -19,8 +19,11 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
+use core::mem::size_of;
+
 use flannel_common::{
-    wire::ECN_CE, DatapathConfig, LocalPod, PodStat, Stat, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH,
+    wire::ECN_CE, DatapathConfig, LocalPod, PodStat, Stat, XdpMeta, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP,
+    CFG_F_POD_FAST_PATH, CFG_F_XDP_DECAP, XDP_META_MAGIC,
 };
 
 use crate::{
@@ -49,7 +52,7 @@ const INNER_IP_OFFSET: usize = (ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + E
 
 /// Smallest frame `flannel_decap` can decapsulate: outer Ethernet, IPv4, UDP, VXLAN, inner
 /// Ethernet and inner IPv4 headers.
-const MIN_VXLAN_FRAME: u32 = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
+pub const MIN_VXLAN_FRAME: u32 = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
 
 /// Decapsulates a VXLAN packet for this VTEP into `flannel.<VNI>`, or says why it is passed
 /// on or dropped.
@@ -58,6 +61,11 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     if cfg.vxlan_ifindex == 0 {
         // Loaded without a configuration (DatapathConfig::ZERO): do nothing.
         return Err(Stat::DecapPassNotVxlan);
+    }
+    if cfg.flags & CFG_F_XDP_DECAP != 0 {
+        if let Some(vtep_ip) = xdp_marked(ctx) {
+            return deliver_stripped(ctx, cfg, vtep_ip);
+        }
     }
     let outer: OuterHdrs = ctx.load(0).map_err(|_| Stat::DecapPassNotVxlan)?;
     if !is_vxlan_for_us(&outer, cfg) {
@@ -116,10 +124,17 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
             return Err(Stat::DecapDropWriteFailed);
         }
     }
+    Ok(deliver(ctx, cfg, outer.ip.saddr, pod))
+}
+
+/// Counts a decapsulated frame (inner Ethernet header in place) and hands it to the pod or
+/// to `flannel.<VNI>`.
+#[inline(always)]
+fn deliver(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4], pod: Option<(LocalPod, Ipv4Hdr)>) -> i32 {
     let len = u64::from(ctx.len());
     count(Stat::DecapPackets, 1);
     count(Stat::DecapBytes, len);
-    count_peer(outer.ip.saddr, |stats| {
+    count_peer(vtep_ip, |stats| {
         stats.decap_packets += 1;
         stats.decap_bytes += len;
     });
@@ -132,11 +147,52 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
             // or the veth's transmit path. On 6.15+ the kernel scrubs the skb and sets
             // PACKET_HOST on the way (commit c4327229948879814229b46aa26a750718888503).
             // SAFETY: the helper has no memory arguments.
-            Ok(unsafe { bpf_redirect_peer(pod.ifindex, 0) } as i32)
+            unsafe { bpf_redirect_peer(pod.ifindex, 0) as i32 }
         }
         // SAFETY: the helper has no memory arguments.
-        None => Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) } as i32),
+        None => unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) as i32 },
     }
+}
+
+/// The VTEP a frame came from, if `flannel_xdp_decap` already stripped its outer headers
+/// (it left an [`XdpMeta`] in front of the frame).
+#[inline(always)]
+fn xdp_marked(ctx: &TcContext) -> Option<[u8; 4]> {
+    // SAFETY: reading fields of the context the kernel passed in; TC programs may read the
+    // metadata pointers, and the bounds check below is the one the verifier wants.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    if meta + size_of::<XdpMeta>() > data {
+        return None;
+    }
+    // SAFETY: in bounds (checked above); `XdpMeta` is plain integers, read unaligned.
+    let m = unsafe { core::ptr::read_unaligned(meta as *const XdpMeta) };
+    (m.magic == XDP_META_MAGIC).then_some(m.vtep_ip)
+}
+
+/// Delivers a frame `flannel_xdp_decap` stripped: it checked everything `flannel_decap`
+/// checks, so only the pod fast path's choice is left. GRO has run on the inner flow, so an
+/// aggregate here is an ordinary TCP/UDP GSO packet without tunnel state.
+#[inline(always)]
+fn deliver_stripped(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4]) -> Result<i32, Stat> {
+    let mut pod = None;
+    if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
+        if let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN as usize) {
+            if ip.version_ihl >> 4 == 4 && ip.ttl > 1 {
+                pod = lookup_local_pod(ip.daddr).map(|p| (p, ip));
+            }
+        }
+    }
+    if let Some((p, ip)) = &pod {
+        let eth = EthHdr {
+            dst: p.pod_mac,
+            src: p.gw_mac,
+            proto: ETH_P_IP,
+        };
+        if ctx.store(0, &eth, 0).is_err() || decrement_ttl(ctx, ETH_HLEN as usize, ip).is_err() {
+            return Err(Stat::DecapDropWriteFailed);
+        }
+    }
+    Ok(deliver(ctx, cfg, vtep_ip, pod))
 }
 
 /// The local pod the inner packet is addressed to, with the inner IPv4 header, when the pod
@@ -154,7 +210,7 @@ fn local_pod(ctx: &TcContext) -> Option<(LocalPod, Ipv4Hdr)> {
 /// UDP over IPv4 without options, not a fragment, to our VTEP address and VXLAN port: what
 /// the kernel would hand to the vxlan socket of `flannel.<VNI>`.
 #[inline(always)]
-fn is_vxlan_for_us(outer: &OuterHdrs, cfg: &DatapathConfig) -> bool {
+pub fn is_vxlan_for_us(outer: &OuterHdrs, cfg: &DatapathConfig) -> bool {
     outer.eth.proto == ETH_P_IP
         && outer.ip.version_ihl == 0x45
         && outer.ip.protocol == IPPROTO_UDP
@@ -177,6 +233,17 @@ fn is_common_case(
     // SAFETY: reading a field of the context the kernel passed in; the verifier allows reading
     // `gso_size` from TC programs.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    is_common_vxlan(cfg, outer, inner, frame_len)
+        // GRO aggregates: see CFG_F_DECAP_GSO. Delivered straight into a pod, an aggregate
+        // ends in the pod's own TCP/UDP receive and is never segmented again, so the tunnel
+        // GSO state bpf_skb_adjust_room leaves on it is harmless there.
+        && (gso_size == 0 || to_pod || cfg.flags & CFG_F_DECAP_GSO != 0)
+}
+
+/// The header checks of [`is_common_case`] (everything but GSO), shared with
+/// `flannel_xdp_decap`.
+#[inline(always)]
+pub fn is_common_vxlan(cfg: &DatapathConfig, outer: &OuterHdrs, inner: &VxlanPayloadHdrs, frame_len: u32) -> bool {
     let ip_len = u32::from(u16::from_be_bytes(outer.ip.tot_len));
     let udp_len = u32::from(u16::from_be_bytes(outer.udp.len));
     // ip_rcv_core: the header checksum and the lengths (a longer frame is trimmed there, which
@@ -197,8 +264,4 @@ fn is_common_case(
         && inner.inner_version_ihl >> 4 == 4
         && inner.inner_eth.dst == cfg.vtep_mac
         && inner.inner_eth.src != cfg.vtep_mac
-        // GRO aggregates: see CFG_F_DECAP_GSO. Delivered straight into a pod, an aggregate
-        // ends in the pod's own TCP/UDP receive and is never segmented again, so the tunnel
-        // GSO state bpf_skb_adjust_room leaves on it is harmless there.
-        && (gso_size == 0 || to_pod || cfg.flags & CFG_F_DECAP_GSO != 0)
 }

@@ -19,18 +19,22 @@ mod decap;
 mod encap;
 mod headers;
 mod pod;
+mod xdp;
 
 use core::mem::{offset_of, size_of};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT,
+    },
     btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
     Global,
 };
 use flannel_common::{
-    DatapathConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, VtepKey, LOCAL_PODS_MAX_ENTRIES,
+    DatapathConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, VtepKey, XdpStat, LOCAL_PODS_MAX_ENTRIES,
     PEER_STATS_MAX_ENTRIES, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP, PROBE_RESULT_BASE,
     VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
@@ -72,6 +76,10 @@ static FLANNEL_LOCAL_PODS: HashMap<[u8; 4], LocalPod, { LOCAL_PODS_MAX_ENTRIES a
 #[btf_map]
 static FLANNEL_POD_STATS: PerCpuArray<u64, { PodStat::COUNT as usize }> = PerCpuArray::new();
 
+/// `flannel_xdp_decap`'s counters, one `u64` per CPU per [`XdpStat`].
+#[btf_map]
+static FLANNEL_XDP_STATS: PerCpuArray<u64, { XdpStat::COUNT as usize }> = PerCpuArray::new();
+
 /// The node's configuration, set by the agent at load time (`EbpfLoader::override_global`).
 /// It lives in `.rodata`, which aya freezes, so the verifier sees constants.
 #[unsafe(no_mangle)]
@@ -106,6 +114,23 @@ pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
                 TC_ACT_SHOT
             } else {
                 TC_ACT_OK
+            }
+        }
+    }
+}
+
+/// XDP on the underlay device (`DecapMode: "xdp"`): strips VXLAN from known VTEPs and marks
+/// the inner frame for `flannel_decap`.
+#[xdp]
+pub fn flannel_xdp_decap(ctx: XdpContext) -> u32 {
+    match xdp::xdp_decap(&ctx, &FLANNEL_CONFIG.load()) {
+        Ok(action) => action,
+        Err(stat) => {
+            count_xdp(stat, 1);
+            if matches!(stat, XdpStat::DropUnknownVtep) {
+                XDP_DROP
+            } else {
+                XDP_PASS
             }
         }
     }
@@ -187,6 +212,15 @@ fn count_peer(vtep_ip: [u8; 4], update: impl FnOnce(&mut PeerStats)) {
         // it. The agent only creates and deletes entries, and a deleted entry's memory stays
         // valid until the program ends (RCU).
         update(unsafe { &mut *stats })
+    }
+}
+
+/// Adds `n` to this CPU's slot of the XDP counter `stat`.
+#[inline(always)]
+fn count_xdp(stat: XdpStat, n: u64) {
+    if let Some(slot) = FLANNEL_XDP_STATS.get_ptr_mut(stat.index()) {
+        // SAFETY: as in `count`.
+        unsafe { *slot += n }
     }
 }
 

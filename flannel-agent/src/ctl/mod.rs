@@ -173,9 +173,12 @@ fn peers_cmd(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<u8> {
                 .iter()
                 .map(|(stat, v)| (stat.name().to_owned(), Value::from(v)))
                 .collect();
-            // Pins of an agent from before the pod fast path have no FLANNEL_POD_STATS.
+            // Pins of an agent from before the pod fast path have no FLANNEL_POD_STATS (nor XDP).
             if let Ok(pod) = dataplane::pinned_pod_counters(dir) {
                 counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+            }
+            if let Ok(xdp) = dataplane::pinned_xdp_counters(dir) {
+                counters.extend(xdp.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
             }
             let peer_stats = dataplane::pinned_peer_counters(dir)
                 .with_context(|| format!("reading the pinned FLANNEL_PEER_STATS under {}", dir.display()))?;

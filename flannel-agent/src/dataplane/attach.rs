@@ -21,7 +21,8 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     util::KernelVersion,
@@ -224,6 +225,46 @@ fn attach_netlink(prog: &mut SchedClassifier, hook: &Hook) -> Result<(), Datapla
     let link = prog.take_link(id).map_err(|err| hook.attach_error(err))?;
     // Dropping the link would delete the filter; it must stay after the agent exits.
     mem::forget(link);
+    Ok(())
+}
+
+/// Attaches the loaded XDP program `prog` (`program` names it) to `iface` as a BPF link
+/// pinned at `pin`: replaces the program of a link pinned there before (atomic, like TCX), or
+/// makes and pins a new link. A pinned link whose device is gone is released first. XDP links
+/// need 5.9+; a kernel where aya falls back to netlink attachment gets an error (and no
+/// XDP program).
+pub fn attach_xdp(prog: &mut Xdp, program: &'static str, iface: &str, pin: &Path) -> Result<(), DataplaneError> {
+    let error = |source: Box<dyn Error + Send + Sync>| DataplaneError::Attach {
+        program,
+        hook: format!("XDP of {iface}"),
+        source,
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(pinned) => {
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| error(e.into()))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    // As for TCX: our descriptor goes, the pinned link stays attached.
+                    drop(prog.take_link(id).map_err(|e| error(e.into()))?);
+                    debug!(iface, program, "replaced the program of the pinned XDP link");
+                    return Ok(());
+                }
+                Err(err) => {
+                    info!(iface, pin = %pin.display(), error = %err, "releasing a stale XDP link");
+                    detach_pinned_link(pin).map_err(|e| error(e.into()))?;
+                }
+            }
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(error(err.into())),
+    }
+    let id = prog.attach(iface, XdpMode::default()).map_err(|e| error(e.into()))?;
+    let link = prog.take_link(id).map_err(|e| error(e.into()))?;
+    // A netlink-attached program (no bpf_link) would be detached when `link` drops here.
+    let link =
+        FdLink::try_from(link).map_err(|e| error(format!("XDP decap needs BPF links (Linux 5.9+): {e}").into()))?;
+    link.pin(pin).map_err(|e| error(e.into()))?;
+    debug!(iface, program, "attached a new pinned XDP link");
     Ok(())
 }
 

@@ -45,6 +45,9 @@ pub struct DatapathConfig {
     /// The pod fast path (vxlan option `PodFastPath`): `flannel_pod_egress` on pod veths and
     /// delivery of decapsulated packets straight into local pods.
     pub pod_fast_path: bool,
+    /// Decapsulate in XDP on the underlay device too (vxlan option `DecapMode: "xdp"`):
+    /// `flannel_xdp_decap` strips, `flannel_decap` delivers. Needs `decap`.
+    pub decap_xdp: bool,
     /// The outer UDP source port range `[min, max)`; `None` copies
     /// `net.ipv4.ip_local_port_range`, which is what a vxlan device with `srcport 0 0` (as
     /// flannel creates it) uses.
@@ -66,6 +69,7 @@ impl DatapathConfig {
             gso_decap: GsoDecap::Auto,
             attach: AttachMode::Auto,
             pod_fast_path: false,
+            decap_xdp: false,
             src_port_range: None,
         }
     }
@@ -88,6 +92,9 @@ impl DatapathConfig {
         }
         if self.vtep_mac == [0; 6] || self.vtep_mac[0] & 1 != 0 {
             return invalid("vtep_mac", "must be a unicast MAC address");
+        }
+        if self.decap_xdp && !self.decap {
+            return invalid("decap_xdp", "needs decap (flannel_decap delivers what XDP strips)");
         }
         if let Some((min, max)) = self.src_port_range {
             if min >= max {

@@ -10,8 +10,8 @@ use aya::maps::{
     lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
 use flannel_common::{
-    LocalPod, PeerStats, PodStat, RemoteVtep, Stat, MAP_LOCAL_PODS, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS,
-    MAP_VTEPS, MAP_VTEP_ADDRS,
+    LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, MAP_LOCAL_PODS, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS,
+    MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
 };
 use ipnet::Ipv4Net;
 
@@ -358,6 +358,37 @@ pub fn read_pod_counters(stats: &PerCpuArray<MapData, u64>) -> Result<PodCounter
     Ok(counters)
 }
 
+/// `flannel_xdp_decap`'s counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct XdpCounters {
+    /// One value per [`XdpStat`], in index order.
+    values: [u64; XdpStat::COUNT as usize],
+}
+
+impl XdpCounters {
+    /// The value of one counter.
+    pub fn get(&self, stat: XdpStat) -> u64 {
+        self.values[stat.index() as usize]
+    }
+
+    /// Every counter with its value, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (XdpStat, u64)> + '_ {
+        XdpStat::ALL.into_iter().map(|stat| (stat, self.get(stat)))
+    }
+}
+
+/// Reads and sums the per-CPU counters of a `FLANNEL_XDP_STATS` map.
+pub fn read_xdp_counters(stats: &PerCpuArray<MapData, u64>) -> Result<XdpCounters, DataplaneError> {
+    let mut counters = XdpCounters::default();
+    for stat in XdpStat::ALL {
+        let values = stats
+            .get(&stat.index(), 0)
+            .map_err(map_error("read", MAP_XDP_STATS, stat.name()))?;
+        counters.values[stat.index() as usize] = values.iter().sum();
+    }
+    Ok(counters)
+}
+
 /// Datapath counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -395,7 +426,7 @@ pub fn open_pinned(path: &std::path::Path, name: &'static str) -> Result<Map, Da
     let data = MapData::from_pin(path).map_err(map_error("open pinned", name, path.display().to_string()))?;
     Ok(match name {
         MAP_VTEPS => Map::LpmTrie(data),
-        MAP_STATS | MAP_POD_STATS => Map::PerCpuArray(data),
+        MAP_STATS | MAP_POD_STATS | MAP_XDP_STATS => Map::PerCpuArray(data),
         MAP_PEER_STATS => Map::PerCpuHashMap(data),
         _ => Map::HashMap(data),
     })

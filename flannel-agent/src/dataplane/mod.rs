@@ -34,14 +34,15 @@ use std::{
 
 use aya::{
     maps::{MapData, MapError, MapInfo, MapType, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
 use flannel_common::{
-    DatapathConfig as ProgramConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, CFG_F_DECAP_GSO,
-    CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH, GLOBAL_CONFIG, LOCAL_PODS_MAX_ENTRIES, MAP_LOCAL_PODS, MAP_NAMES,
-    MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, PEER_STATS_MAX_ENTRIES, PIN_SUBDIR,
-    PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, PROG_POD_EGRESS, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
+    DatapathConfig as ProgramConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, CFG_F_DECAP_GSO,
+    CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH, CFG_F_XDP_DECAP, GLOBAL_CONFIG, LOCAL_PODS_MAX_ENTRIES, MAP_LOCAL_PODS,
+    MAP_NAMES, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
+    PEER_STATS_MAX_ENTRIES, PIN_SUBDIR, PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, PROG_POD_EGRESS, PROG_XDP_DECAP,
+    VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
@@ -52,7 +53,7 @@ pub use attach::{AttachMode, NL_HANDLE, NL_PRIORITY};
 use config::parse_port_range;
 use config::{default_ttl, ifindex, local_port_range};
 pub use config::{DatapathConfig, GsoDecap};
-pub use maps::{Counters, PodCounters};
+pub use maps::{Counters, PodCounters, XdpCounters};
 pub use probe::{probe, ProbeError, ProbeFeature, ProbeOptions, ProbeReport};
 
 /// The object built from flannel-ebpf by build.rs, aligned as aya's ELF parser requires.
@@ -187,6 +188,12 @@ pub struct Datapath {
     pods: maps::PodTable,
     /// `FLANNEL_POD_STATS`.
     pod_stats: PerCpuArray<MapData, u64>,
+    /// `FLANNEL_XDP_STATS`.
+    xdp_stats: PerCpuArray<MapData, u64>,
+    /// `flannel_xdp_decap` is wanted on the uplink (attached together with `flannel_decap`).
+    decap_xdp: bool,
+    /// The underlay device.
+    uplink: String,
     /// The pod fast path is on.
     pod_fast_path: bool,
     /// The pod veths (by index) `flannel_pod_egress` has been attached to by this
@@ -247,7 +254,8 @@ impl Datapath {
             uplink_ifindex,
             flags: if gso { CFG_F_DECAP_GSO } else { 0 }
                 | if probe.decap_l4_udp { CFG_F_DECAP_L4_UDP } else { 0 }
-                | if config.pod_fast_path { CFG_F_POD_FAST_PATH } else { 0 },
+                | if config.pod_fast_path { CFG_F_POD_FAST_PATH } else { 0 }
+                | if config.decap_xdp { CFG_F_XDP_DECAP } else { 0 },
             vtep_mac: config.vtep_mac,
             port: config.port,
             src_port_min,
@@ -288,6 +296,17 @@ impl Datapath {
         )?;
         let stats = per_cpu_array(take(&mut ebpf, MAP_STATS)?, MAP_STATS)?;
         let pod_stats = per_cpu_array(take(&mut ebpf, MAP_POD_STATS)?, MAP_POD_STATS)?;
+        let xdp_stats = per_cpu_array(take(&mut ebpf, MAP_XDP_STATS)?, MAP_XDP_STATS)?;
+        xdp_program(&mut ebpf)?;
+        let xdp_pin = attach::link_pin(&dir, PROG_XDP_DECAP);
+        if !config.decap_xdp {
+            // XDP strips only what flannel_decap then delivers: it goes first.
+            attach::detach_pinned_link(&xdp_pin).map_err(|source| DataplaneError::Io {
+                op: "detach and unpin",
+                path: xdp_pin.clone(),
+                source,
+            })?;
+        }
         let mut pods = maps::PodTable::new(take(&mut ebpf, MAP_LOCAL_PODS)?)?;
         if !config.pod_fast_path {
             // Left by a run with the fast path on; the programs ignore it now, but keep the map
@@ -308,6 +327,9 @@ impl Datapath {
             pending_decap = Some(decap);
         } else {
             attach::attach(program(&mut ebpf, PROG_DECAP)?, &decap, mode)?;
+            if config.decap_xdp {
+                attach::attach_xdp(xdp_program(&mut ebpf)?, PROG_XDP_DECAP, &config.uplink_dev, &xdp_pin)?;
+            }
         }
         info!(
             pin_dir = %dir.display(),
@@ -325,6 +347,9 @@ impl Datapath {
             stats,
             pods,
             pod_stats,
+            xdp_stats,
+            decap_xdp: config.decap_xdp,
+            uplink: config.uplink_dev.clone(),
             pod_fast_path: config.pod_fast_path,
             pod_ports: BTreeMap::new(),
             dir,
@@ -375,6 +400,11 @@ impl Datapath {
                 return Err(err);
             }
             info!(hook = %hook.describe(), "flannel_decap attached now that the peers are known");
+            if self.decap_xdp {
+                let pin = attach::link_pin(&self.dir, PROG_XDP_DECAP);
+                attach::attach_xdp(xdp_program(&mut self.ebpf)?, PROG_XDP_DECAP, &self.uplink, &pin)?;
+                info!(iface = %self.uplink, "flannel_xdp_decap attached");
+            }
         }
         Ok(changed)
     }
@@ -397,6 +427,16 @@ impl Datapath {
     /// The pod fast path's counters, summed over CPUs.
     pub fn pod_counters(&self) -> Result<PodCounters, DataplaneError> {
         maps::read_pod_counters(&self.pod_stats)
+    }
+
+    /// `flannel_xdp_decap`'s counters, summed over CPUs.
+    pub fn xdp_counters(&self) -> Result<XdpCounters, DataplaneError> {
+        maps::read_xdp_counters(&self.xdp_stats)
+    }
+
+    /// Whether XDP decapsulation is on.
+    pub fn decap_xdp(&self) -> bool {
+        self.decap_xdp
     }
 
     /// Whether the pod fast path is on.
@@ -486,6 +526,13 @@ impl Datapath {
 /// removes the pins. Traffic continues through the kernel's `flannel.<VNI>`. For uninstall.
 pub fn detach_all(pin_dir: &Path) -> Result<(), DataplaneError> {
     let dir = pin_dir.join(PIN_SUBDIR);
+    // XDP strips what flannel_decap delivers: detach it first.
+    let xdp_pin = attach::link_pin(&dir, PROG_XDP_DECAP);
+    attach::detach_pinned_link(&xdp_pin).map_err(|source| DataplaneError::Io {
+        op: "detach and unpin",
+        path: xdp_pin.clone(),
+        source,
+    })?;
     let names = attach::interfaces().map_err(|source| DataplaneError::Io {
         op: "list network interfaces for",
         path: dir.clone(),
@@ -641,6 +688,33 @@ pub fn pinned_pod_counters(pin_dir: &Path) -> Result<PodCounters, DataplaneError
     maps::read_pod_counters(&stats)
 }
 
+/// `flannel_xdp_decap`'s counters from the pinned `FLANNEL_XDP_STATS` under `pin_dir`.
+pub fn pinned_xdp_counters(pin_dir: &Path) -> Result<XdpCounters, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_XDP_STATS);
+    let stats = per_cpu_array(maps::open_pinned(&path, MAP_XDP_STATS)?, MAP_XDP_STATS)?;
+    maps::read_xdp_counters(&stats)
+}
+
+/// The XDP program of a loaded object, loaded into the kernel (verified) if it is not yet.
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    let name = PROG_XDP_DECAP;
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingNames { missing: vec![name] })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source: Box::new(source),
+        })?;
+    if program.fd().is_err() {
+        program.load().map_err(|source| DataplaneError::Program {
+            program: name,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(program)
+}
+
 /// The counters from the pinned `FLANNEL_STATS` under `pin_dir`, for processes other than the
 /// agent (`flannelctl`).
 pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, DataplaneError> {
@@ -675,7 +749,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
 }
 
 /// The expected type, key size, value size and capacity of each pinned map.
-const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 6] = [
+const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 7] = [
+    (MAP_XDP_STATS, MapType::PerCpuArray, 4, 8, XdpStat::COUNT),
     (MAP_VTEPS, MapType::LpmTrie, 8, 12, VTEPS_MAX_ENTRIES),
     (MAP_VTEP_ADDRS, MapType::Hash, 4, 4, VTEP_ADDRS_MAX_ENTRIES),
     (MAP_STATS, MapType::PerCpuArray, 4, 8, Stat::COUNT),

@@ -8,12 +8,12 @@
 use std::fmt;
 
 use aya::{
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
     EbpfLoader,
 };
 use flannel_common::{
     DatapathConfig as ProgramConfig, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, GLOBAL_CONFIG, PROBE_OK_DECAP,
-    PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP, PROBE_RESULT_BASE, PROGRAM_NAMES, PROG_PROBE,
+    PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP, PROBE_RESULT_BASE, PROGRAM_NAMES, PROG_PROBE, PROG_XDP_DECAP,
 };
 
 use super::{attach::tcx_supported, object_bytes};
@@ -97,7 +97,7 @@ pub fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
         .override_global(GLOBAL_CONFIG, &config, true)
         .load(object_bytes())
         .map_err(|err| fail(ProbeFeature::Bpf, format!("{err} (is the agent root?)")))?;
-    for name in PROGRAM_NAMES {
+    for name in PROGRAM_NAMES.into_iter().filter(|name| *name != PROG_XDP_DECAP) {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| fail(ProbeFeature::Helpers, format!("the object has no program {name}")))?
@@ -107,6 +107,24 @@ pub fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
             .load()
             .map_err(|err| fail(ProbeFeature::Helpers, format!("the verifier rejected {name}: {err:#?}")))?;
     }
+    // The one XDP program: loaded (verified) even when `DecapMode` is "tc", so that a kernel
+    // which rejects it is found here rather than when someone switches the option.
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_XDP_DECAP)
+        .ok_or_else(|| {
+            fail(
+                ProbeFeature::Helpers,
+                format!("the object has no program {PROG_XDP_DECAP}"),
+            )
+        })?
+        .try_into()
+        .map_err(|err| fail(ProbeFeature::Helpers, format!("{PROG_XDP_DECAP}: {err}")))?;
+    xdp.load().map_err(|err| {
+        fail(
+            ProbeFeature::Helpers,
+            format!("the verifier rejected {PROG_XDP_DECAP}: {err:#?}"),
+        )
+    })?;
     let program: &SchedClassifier = ebpf
         .program(PROG_PROBE)
         .ok_or_else(|| fail(ProbeFeature::Helpers, format!("the object has no program {PROG_PROBE}")))?

@@ -118,7 +118,11 @@ impl Variant {
                 hooks if hooks.is_empty() => {
                     Err("the agent ignores PodFastPath: no flannel program on a pod-facing device".into())
                 }
-                hooks => Ok(format!("{ebpf} + pod fast path ({})", hooks.join(", "))),
+                _ if seen.fast_path_ran() => Ok(format!("{ebpf} + pod fast path (both ways)")),
+                hooks => Ok(format!(
+                    "{ebpf}; pod fast path attached ({}) but not used both ways",
+                    hooks.join(", ")
+                )),
             },
         }
     }
@@ -163,15 +167,25 @@ impl Observed {
                 *self.counters.entry(stat.name().to_owned()).or_default() += value;
             }
         }
+        if let Ok(counters) = flannel_agent::dataplane::pinned_pod_counters(pin_dir) {
+            for (stat, value) in counters.iter() {
+                *self.counters.entry(stat.name().to_owned()).or_default() += value;
+            }
+        }
     }
 
     fn counter(&self, name: &str) -> u64 {
         self.counters.get(name).copied().unwrap_or(0)
     }
 
-    /// `flannel_encap` encapsulated packets.
+    /// `flannel_encap` (or the pod fast path's `flannel_pod_egress`) encapsulated packets.
     pub fn encap_ran(&self) -> bool {
-        self.counter("encap_packets") > 0
+        self.counter("encap_packets") + self.counter("pod_egress_encap_packets") > 0
+    }
+
+    /// The pod fast path carried packets both ways: out of a pod, and into one.
+    pub fn fast_path_ran(&self) -> bool {
+        self.counter("pod_egress_encap_packets") > 0 && self.counter("decap_to_pod_packets") > 0
     }
 
     /// `flannel_decap` decapsulated packets.
@@ -256,8 +270,13 @@ mod tests {
         assert_eq!(variant("kernel").unwrap().judge(&none).unwrap(), "kernel VXLAN");
         assert!(variant("ebpf-fastpath").unwrap().judge(&seen).is_err());
         let mut fast = seen.clone();
-        fast.attachments.push("pin:n1/link_flannel_pod_ingress".into());
-        assert!(variant("ebpf-fastpath").unwrap().judge(&fast).is_ok());
+        fast.attachments.push("pin:n1/link_flannel_pod_egress_7".into());
+        let label = variant("ebpf-fastpath").unwrap().judge(&fast).unwrap();
+        assert!(label.contains("not used"), "{label}");
+        fast.counters.insert("pod_egress_encap_packets".into(), 3);
+        fast.counters.insert("decap_to_pod_packets".into(), 3);
+        let label = variant("ebpf-fastpath").unwrap().judge(&fast).unwrap();
+        assert!(label.ends_with("+ pod fast path (both ways)"), "{label}");
         assert!(variant("nope").is_err());
     }
 }

@@ -4,13 +4,14 @@
 //! pinned maps as bpftool shows them; counters that move with traffic; `auto` falling back
 //! with its log line; `flannelctl status`, `peers` and `uninstall`; a UDP flow that loses
 //! no packet while the agents on both ends are killed with SIGKILL and restarted; and the same
-//! with the pod fast path (`fastpath`).
+//! with the pod fast path (`fastpath`); and XDP decapsulation (`xdp`).
 //!
 //! They need root; outside CI they skip loudly without it. Build the binaries first
 //! (`cargo build -p flannel-agent --bins`). `--nocapture` shows matrices and outputs.
 
 mod fastpath;
 mod helpers;
+mod xdp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -140,7 +141,7 @@ async fn ebpf_three_nodes_full_matrix_counters_bpftool_and_flannelctl() -> anyho
 }
 
 /// Puts a net-conf for agents started from now on.
-async fn put_config(tb: &Testbed, conf: &str) -> anyhow::Result<()> {
+pub(crate) async fn put_config(tb: &Testbed, conf: &str) -> anyhow::Result<()> {
     tb.etcd().context("etcd")?.put(&tb.config_key(), conf).await.map(drop)
 }
 

@@ -36,6 +36,9 @@ pub struct VxlanOptions {
     /// `PodFastPath` (flannel-rs addition, eBPF datapath only): pod traffic to and from
     /// remote pods skips the pod bridge and the host's routing and netfilter.
     pub pod_fast_path: bool,
+    /// `DecapMode` (flannel-rs addition, eBPF datapath only): `"tc"` (default) or `"xdp"`
+    /// (decapsulate in XDP on the underlay device, for NICs with native XDP).
+    pub decap_xdp: bool,
 }
 
 /// The `Datapath` option: `"auto"` (default), `"ebpf"` or `"kernel"`, any case.
@@ -72,6 +75,7 @@ impl Default for VxlanOptions {
             direct_routing: false,
             datapath: DatapathMode::Auto,
             pod_fast_path: false,
+            decap_xdp: false,
         }
     }
 }
@@ -87,6 +91,20 @@ fn datapath(obj: &Map<String, Value>) -> Result<DatapathMode, BackendError> {
             _ => Err(opt_err("Datapath", v, EXPECTED)),
         },
         Some(v) => Err(opt_err("Datapath", v, EXPECTED)),
+    }
+}
+
+/// `DecapMode`: `"tc"` (default) or `"xdp"`, any case; true for XDP.
+fn decap_mode(obj: &Map<String, Value>) -> Result<bool, BackendError> {
+    const EXPECTED: &str = r#"expected "tc" or "xdp""#;
+    match get_ci(obj, "DecapMode") {
+        None | Some(Value::Null) => Ok(false),
+        Some(v @ Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "tc" | "" => Ok(false),
+            "xdp" => Ok(true),
+            _ => Err(opt_err("DecapMode", v, EXPECTED)),
+        },
+        Some(v) => Err(opt_err("DecapMode", v, EXPECTED)),
     }
 }
 
@@ -143,6 +161,14 @@ impl VxlanOptions {
                 "the pod fast path needs the eBPF datapath; set Datapath to \"ebpf\" or \"auto\", or PodFastPath to false",
             ));
         }
+        let decap_xdp = decap_mode(obj)?;
+        if decap_xdp && datapath == DatapathMode::Kernel {
+            return Err(opt_err(
+                "DecapMode",
+                &Value::from("xdp"),
+                "XDP decapsulation needs the eBPF datapath; set Datapath to \"ebpf\" or \"auto\", or DecapMode to \"tc\"",
+            ));
+        }
         Ok(VxlanOptions {
             vni,
             port: uint(obj, "Port", 65535, 0)? as u16,
@@ -152,6 +178,7 @@ impl VxlanOptions {
             direct_routing: flag(obj, "DirectRouting")?,
             datapath,
             pod_fast_path,
+            decap_xdp,
         })
     }
 
@@ -241,6 +268,7 @@ mod tests {
                 direct_routing: true,
                 datapath: DatapathMode::Auto,
                 pod_fast_path: false,
+                decap_xdp: false,
             }
         );
         assert_eq!(o.v4_name(), "flannel.42");
@@ -266,6 +294,8 @@ mod tests {
         assert!(!VxlanOptions::parse(&json!({})).unwrap().pod_fast_path);
         let o = VxlanOptions::parse(&json!({"podfastpath": true, "Datapath": "ebpf"})).unwrap();
         assert!(o.pod_fast_path);
+        assert!(VxlanOptions::parse(&json!({"DecapMode": "XDP"})).unwrap().decap_xdp);
+        assert!(!VxlanOptions::parse(&json!({"DecapMode": "tc"})).unwrap().decap_xdp);
     }
 
     #[test]
@@ -282,6 +312,8 @@ mod tests {
             (json!({"Datapath": "xdp"}), "Datapath"),
             (json!({"Datapath": true}), "Datapath"),
             (json!({"PodFastPath": "yes"}), "PodFastPath"),
+            (json!({"DecapMode": "nic"}), "DecapMode"),
+            (json!({"DecapMode": "xdp", "Datapath": "kernel"}), "DecapMode"),
             (json!({"PodFastPath": true, "Datapath": "kernel"}), "PodFastPath"),
             (json!({"MTU": 100}), "MTU"),
             (json!("vxlan"), "Backend"),

@@ -185,6 +185,9 @@ fn warn_fast_path_off(opts: &VxlanOptions) {
     if opts.pod_fast_path {
         warn!("PodFastPath is set but the kernel vxlan datapath runs: pod traffic takes the kernel path");
     }
+    if opts.decap_xdp {
+        warn!("DecapMode is \"xdp\" but the kernel vxlan datapath runs: the kernel decapsulates");
+    }
 }
 
 /// An error and its sources on one line (the probe's reason is in the source).
@@ -225,6 +228,7 @@ fn datapath_config(opts: &VxlanOptions, v4: &Vtep, uplink: &str) -> Result<Datap
     let port = if opts.port == 0 { DEFAULT_PORT } else { opts.port };
     let mut config = DatapathConfig::new(&v4.name, uplink, local, v4.mac.0, opts.vni, port);
     config.pod_fast_path = opts.pod_fast_path;
+    config.decap_xdp = opts.decap_xdp;
     Ok(config)
 }
 
@@ -427,6 +431,9 @@ impl Ebpf {
         if let Ok(pod) = self.dp.pod_counters() {
             counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
         }
+        if let Ok(xdp) = self.dp.xdp_counters() {
+            counters.extend(xdp.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+        }
         json!({
             "pin_dir": self.pin_dir.display().to_string(),
             "maps_dir": self.dp.pin_dir().display().to_string(),
@@ -435,6 +442,7 @@ impl Ebpf {
             "gso_decap": self.dp.gso_decap(),
             "vteps": self.dp.vteps().map(|v| v.len()).unwrap_or(0),
             "pod_fast_path": self.dp.pod_fast_path(),
+            "decap_mode": if self.dp.decap_xdp() { "xdp" } else { "tc" },
             "local_pods": self.dp.local_pods().len(),
             "counters": counters,
         })

@@ -93,8 +93,10 @@ fn restarts_adopt_the_attachments_without_losing_a_packet() -> Result<()> {
             "exec",
             &net.nodes[0],
             "ping",
+            // Longer than the three reloads below take on a busy machine (each loads and
+            // verifies every program twice: probe and load), so the last count is mid-flow.
             "-c",
-            "150",
+            "400",
             "-i",
             "0.01",
             "-W",

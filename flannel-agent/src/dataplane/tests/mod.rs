@@ -42,9 +42,11 @@ fn contents_reports_what_is_missing() {
             MAP_PEER_STATS,
             MAP_LOCAL_PODS,
             MAP_POD_STATS,
+            MAP_XDP_STATS,
             PROG_DECAP,
             flannel_common::PROG_PROBE,
-            PROG_POD_EGRESS
+            PROG_POD_EGRESS,
+            PROG_XDP_DECAP
         ]
     );
 }
