@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendError};
 use crate::backoff::Backoff;
+use crate::cni_install::{InstallFile, Installer};
 use crate::config::NetworkConfig;
 use crate::health::{self, Health};
 use crate::netlink::{IfaceSelection, Netlink};
@@ -46,6 +47,8 @@ pub struct DaemonConfig {
     pub reconcile_period: Duration,
     /// Masquerade and forward rules; `nftables` is taken from net-conf.json.
     pub traffic: TrafficOptions,
+    /// CNI files to keep installed on the host (`--cni-*-source`/`--cni-*-dest`).
+    pub cni_install: Vec<InstallFile>,
 }
 
 /// Why the daemon stopped with an error. Each is fatal at start-up, as upstream.
@@ -186,6 +189,15 @@ pub async fn run(
         }
     };
 
+    // After subnet.env, as the init containers of the manifest run before the agent: the
+    // plugin then finds the file at its first ADD.
+    let installer = Arc::new(Installer::new(cfg.cni_install.clone()));
+    let cni_task = (!installer.is_empty()).then(|| {
+        let stamps = installer.install(&health.metrics);
+        let (installer, metrics, shutdown) = (installer.clone(), health.metrics.clone(), shutdown.clone());
+        tokio::spawn(installer.run(stamps, metrics, shutdown))
+    });
+
     let (peers_tx, peers_rx) = watch::channel(PeerSet::default());
     let sm_task = {
         let (sm, config, lease, shutdown) = (sm.clone(), config.clone(), lease.clone(), shutdown.clone());
@@ -197,11 +209,17 @@ pub async fn run(
         peers_rx,
         &cfg,
         &health,
-        env_written,
+        Ready {
+            env_written,
+            installer: &installer,
+        },
         started,
         &shutdown,
     )
     .await;
+    if let Some(task) = cni_task {
+        let _ = task.await;
+    }
 
     match sm_task.await {
         Ok(Ok(())) => {}
@@ -267,12 +285,33 @@ async fn acquire(
     }
 }
 
+/// What readiness needs besides a reconciled datapath.
+struct Ready<'a> {
+    /// `subnet.env` was written.
+    env_written: bool,
+    /// The CNI files are installed (always, when there are none to install).
+    installer: &'a Installer,
+}
+
+impl Ready<'_> {
+    /// Whether the agent is ready, and what it waits for if not.
+    fn check(&self) -> (bool, &'static str) {
+        if !self.env_written {
+            (false, "subnet file")
+        } else if !self.installer.ok() {
+            (false, "CNI files installed")
+        } else {
+            (true, "")
+        }
+    }
+}
+
 async fn reconcile_loop(
     backend: &mut dyn Backend,
     mut peers: watch::Receiver<PeerSet>,
     cfg: &DaemonConfig,
     health: &Health,
-    env_written: bool,
+    ready: Ready<'_>,
     started: Instant,
     shutdown: &CancellationToken,
 ) {
@@ -300,16 +339,13 @@ async fn reconcile_loop(
                     backoff.reset();
                     retry_at = None;
                     let was_ready = health.status().ready;
+                    let (is_ready, waiting_for) = ready.check();
                     health.update(|s| {
                         s.peers = n;
-                        s.ready = env_written;
-                        s.waiting_for = if env_written {
-                            String::new()
-                        } else {
-                            "subnet file".into()
-                        };
+                        s.ready = is_ready;
+                        s.waiting_for = waiting_for.into();
                     });
-                    if env_written && !was_ready {
+                    if is_ready && !was_ready {
                         info!(
                             peers = n,
                             elapsed_ms = started.elapsed().as_millis() as u64,

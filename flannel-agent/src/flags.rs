@@ -232,6 +232,26 @@ pub struct Flags {
     #[arg(value_parser = parse_path)]
     pub bpf_pin_dir: PathBuf,
 
+    /// flannel-rs addition: the CNI plugin binary to keep installed at -cni-plugin-dest (empty: do not install)
+    #[arg(long, env = "FLANNELD_CNI_PLUGIN_SOURCE", value_name = "string", default_value = "")]
+    #[arg(value_parser = parse_path)]
+    pub cni_plugin_source: PathBuf,
+
+    /// flannel-rs addition: where the CNI plugin binary is kept installed, e.g. /opt/cni/bin/flannel
+    #[arg(long, env = "FLANNELD_CNI_PLUGIN_DEST", value_name = "string", default_value = "")]
+    #[arg(value_parser = parse_path)]
+    pub cni_plugin_dest: PathBuf,
+
+    /// flannel-rs addition: the CNI conflist to keep installed at -cni-conf-dest (empty: do not install)
+    #[arg(long, env = "FLANNELD_CNI_CONF_SOURCE", value_name = "string", default_value = "")]
+    #[arg(value_parser = parse_path)]
+    pub cni_conf_source: PathBuf,
+
+    /// flannel-rs addition: where the CNI conflist is kept installed, e.g. /etc/cni/net.d/10-flannel.conflist
+    #[arg(long, env = "FLANNELD_CNI_CONF_DEST", value_name = "string", default_value = "")]
+    #[arg(value_parser = parse_path)]
+    pub cni_conf_dest: PathBuf,
+
     /// flannel-rs addition: log line format, text or json
     #[arg(long, env = "FLANNELD_LOG_FORMAT", value_name = "string", default_value = "text")]
     #[arg(value_parser = parse_log_format)]

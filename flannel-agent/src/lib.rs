@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backoff;
 pub mod cni;
+pub mod cni_install;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

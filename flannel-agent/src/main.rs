@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flannel_agent::backend::vxlan::EbpfSettings;
 use flannel_agent::backend::{self, none::NoneBackend, Backend, BackendError};
+use flannel_agent::cni_install::InstallFile;
 use flannel_agent::config::NetworkConfig;
 use flannel_agent::daemon::{self, DaemonConfig};
 use flannel_agent::flags::{self, Flags, Invocation, LogFormat};
@@ -129,6 +130,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             nftables: false,
             resync: Duration::from_secs(flags.iptables_resync.max(1)),
         },
+        cni_install: cni_install_files(&flags)?,
     };
     let ebpf = EbpfSettings {
         pin_dir: Some(flags.bpf_pin_dir.clone()),
@@ -225,4 +227,26 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = term.recv() => {}
     }
     std::process::exit(130);
+}
+
+/// The CNI files to keep installed, from the `--cni-*-source`/`--cni-*-dest` pairs; a pair
+/// with one side only is an error (it would silently install nothing).
+fn cni_install_files(flags: &Flags) -> anyhow::Result<Vec<InstallFile>> {
+    let pairs = [
+        ("cni-plugin", &flags.cni_plugin_source, &flags.cni_plugin_dest, 0o755),
+        ("cni-conf", &flags.cni_conf_source, &flags.cni_conf_dest, 0o644),
+    ];
+    let mut files = Vec::new();
+    for (name, source, dest, mode) in pairs {
+        match (source.as_os_str().is_empty(), dest.as_os_str().is_empty()) {
+            (true, true) => {}
+            (false, false) => files.push(InstallFile {
+                source: source.clone(),
+                dest: dest.clone(),
+                mode,
+            }),
+            _ => anyhow::bail!("--{name}-source and --{name}-dest must be given together"),
+        }
+    }
+    Ok(files)
 }

@@ -68,6 +68,8 @@ pub struct Metrics {
     /// The longest successful reconciliation so far, in microseconds: usually the first,
     /// which programs every peer.
     pub reconcile_max_us: AtomicU64,
+    /// CNI files (plugin, conflist) found missing or changed on the host and installed again.
+    pub cni_reinstalls: AtomicU64,
 }
 
 impl Metrics {
@@ -106,6 +108,7 @@ impl Metrics {
             ("flannel_lease_reasserts_total", &self.lease_reasserts),
             ("flannel_reconciles_total", &self.reconciles),
             ("flannel_reconcile_errors_total", &self.reconcile_errors),
+            ("flannel_cni_reinstalls_total", &self.cni_reinstalls),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
         }

@@ -4,24 +4,27 @@
 //! backend on the eBPF and on the kernel datapath: every node publishes its lease as
 //! annotations and sets NetworkUnavailable=False; the pod matrix is full over ICMP, TCP and
 //! UDP; deleting a Node object takes its routes (and FDB entry or eBPF map entry) away on the
-//! others, while the remaining pods still reach each other.
+//! others, while the remaining pods still reach each other. And the agent keeps the CNI plugin
+//! and the conflist installed, as the manifest asks it to.
 //!
 //! They need root; outside CI they skip loudly without it. Build the binaries first
 //! (`cargo build -p flannel-agent --bins`). `--nocapture` shows the matrices.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use flannel_agent::dataplane::pinned_vteps;
 use flannel_tests::testbed::kube::{pod_cidr, ANNOTATION_PREFIX};
-use flannel_tests::testbed::probe::{ping_attempts, udp_check};
-use flannel_tests::testbed::{require_root, wait_for, Pod, Testbed, TestbedOptions};
+use flannel_tests::testbed::probe::{http_get, ping_attempts, udp_check};
+use flannel_tests::testbed::{flanneld_path, require_root, wait_for, Pod, Testbed, TestbedOptions, AGENT_HEALTHZ_PORT};
 use ipnet::IpNet;
 use serde_json::Value;
 
 /// Bound on an agent becoming ready.
 const READY: Duration = Duration::from_secs(30);
-/// Bound on a change in the API reaching the datapath of other nodes.
+/// Bound on a change in the API reaching the datapath of other nodes, and on the agent
+/// noticing a change on the host (its reconcile period is 10 s).
 const CONVERGE: Duration = Duration::from_secs(15);
 /// UDP datagrams per pod pair.
 const DATAGRAMS: u32 = 10;
@@ -154,4 +157,84 @@ async fn kube_mode_vxlan_kernel_matrix_and_node_deletion() -> anyhow::Result<()>
         return Ok(());
     }
     kube_cluster(KERNEL, false).await
+}
+
+/// Field problem B2: the agent keeps the CNI plugin and the conflist installed. Deleted (a
+/// package upgrade re-creating /opt/cni/bin), they come back within seconds and are counted;
+/// while they cannot be installed, the agent is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_keeps_the_cni_plugin_and_conflist_installed() -> anyhow::Result<()> {
+    if !require_root("the_agent_keeps_the_cni_plugin_and_conflist_installed") {
+        return Ok(());
+    }
+    let mut tb = Testbed::start(TestbedOptions::new(1).net_conf(KERNEL).kube()).await?;
+    let dir = tb.node(1).dir.clone();
+    let (bin_dir, conf_dir) = (dir.join("opt-cni-bin"), dir.join("etc-cni-net.d"));
+    std::fs::create_dir_all(&bin_dir)?;
+    std::fs::create_dir_all(&conf_dir)?;
+    let conf_source = dir.join("cni-conf.json");
+    std::fs::write(
+        &conf_source,
+        r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#,
+    )?;
+    let plugin_source = flanneld_path()?.with_file_name("flannel");
+    let (plugin, conflist) = (bin_dir.join("flannel"), conf_dir.join("10-flannel.conflist"));
+    let arg = |flag: &str, path: &std::path::Path| format!("--{flag}={}", path.display());
+    let args = [
+        arg("cni-plugin-source", &plugin_source),
+        arg("cni-plugin-dest", &plugin),
+        arg("cni-conf-source", &conf_source),
+        arg("cni-conf-dest", &conflist),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.start_agents(&[1], &args, READY).await?;
+    ensure!(
+        std::fs::read(&plugin)? == std::fs::read(&plugin_source)?,
+        "plugin not installed"
+    );
+    ensure!(
+        std::fs::read(&conflist)? == std::fs::read(&conf_source)?,
+        "conflist not installed"
+    );
+
+    std::fs::remove_file(&plugin)?;
+    std::fs::write(&conflist, "{}")?;
+    let t0 = Instant::now();
+    wait_for("the plugin and the conflist are back", CONVERGE, || {
+        let (plugin, conflist, plugin_source, conf_source) = (&plugin, &conflist, &plugin_source, &conf_source);
+        async move {
+            ensure!(plugin.exists(), "no plugin");
+            ensure!(
+                std::fs::read(conflist)? == std::fs::read(conf_source)?,
+                "conflist differs"
+            );
+            ensure!(
+                std::fs::read(plugin)? == std::fs::read(plugin_source)?,
+                "plugin differs"
+            );
+            Ok(())
+        }
+    })
+    .await?;
+    println!(
+        "deleted plugin and changed conflist installed again in {:?}",
+        t0.elapsed()
+    );
+    let node = tb.node(1).clone();
+    let metrics = SocketAddr::new(node.ip.into(), AGENT_HEALTHZ_PORT);
+    let (_, text) = http_get(&node.netns, metrics, "/metrics").await?;
+    ensure!(text.contains("flannel_cni_reinstalls_total 2"), "{text}");
+
+    // The host directory is gone (not mounted): not ready, until it is back.
+    std::fs::remove_dir_all(&bin_dir)?;
+    wait_for("the agent is not ready", CONVERGE, || async {
+        let (code, body) = http_get(&node.netns, metrics, "/readyz").await?;
+        ensure!(code != 200, "{code} {body}");
+        Ok(())
+    })
+    .await?;
+    std::fs::create_dir_all(&bin_dir)?;
+    tb.wait_ready(1, CONVERGE).await?;
+    ensure!(plugin.exists(), "plugin not installed again");
+    tb.shutdown().await
 }

@@ -173,6 +173,11 @@ fn daemonset_runs_flanneld_with_valid_flags_and_probes() -> anyhow::Result<()> {
     assert!(flags.kube_subnet_mgr && flags.ip_masq);
     assert_ne!(flags.healthz_port, 0, "the probes need the healthz server");
     assert_eq!(flags.net_config_path, PathBuf::from("/etc/kube-flannel/net-conf.json"));
+    // The agent keeps installed what the init containers install (field problem B2).
+    assert_eq!(flags.cni_plugin_source, PathBuf::from("/opt/bin/flannel"));
+    assert_eq!(flags.cni_plugin_dest, PathBuf::from("/opt/cni/bin/flannel"));
+    assert_eq!(flags.cni_conf_source, PathBuf::from("/etc/kube-flannel/cni-conf.json"));
+    assert_eq!(flags.cni_conf_dest, PathBuf::from("/etc/cni/net.d/10-flannel.conflist"));
 
     // Both probes reach the healthz server, through the port number or the port's name.
     let port_of = |probe: &Option<Probe>, path: &str| -> i32 {
@@ -273,6 +278,9 @@ fn every_mount_names_a_volume_and_the_paths_are_flannels() -> anyhow::Result<()>
     );
     assert_eq!(mounts[&("kube-flannel".into(), "run".into())], "/run/flannel");
     assert_eq!(mounts[&("kube-flannel".into(), "bpffs".into())], "/sys/fs/bpf");
+    // The host directories the agent keeps the plugin and the conflist in.
+    assert_eq!(mounts[&("kube-flannel".into(), "cni-plugin".into())], "/opt/cni/bin");
+    assert_eq!(mounts[&("kube-flannel".into(), "cni".into())], "/etc/cni/net.d");
 
     // The init containers put the plugin and the conflist where the runtime looks.
     let script = |name: &str| -> String {

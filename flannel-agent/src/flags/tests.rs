@@ -412,7 +412,7 @@ fn help_prints_go_style_usage() {
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
-    assert_eq!(names.len(), 33, "{names:?}");
+    assert_eq!(names.len(), 37, "{names:?}");
     // An error before -h wins, as in Go.
     assert!(matches!(err(&["--nope", "-h"]), FlagsError::Unknown { .. }));
 }
