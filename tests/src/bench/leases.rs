@@ -121,7 +121,7 @@ pub fn fake_lease(i: usize) -> (Ipv4Net, Ipv4Addr, String) {
 }
 
 /// Writes `count` fake leases to the testbed's etcd, without TTL, in transactions.
-async fn write_leases(tb: &Testbed, count: usize) -> anyhow::Result<()> {
+pub async fn write_leases(tb: &Testbed, count: usize) -> anyhow::Result<()> {
     let mut client = tb.etcd().context("the testbed has no etcd")?.client().await?;
     let indices: Vec<usize> = (0..count).collect();
     for chunk in indices.chunks(TXN_OPS) {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use flannel_common::{RemoteVtep, VTEP_F_DIRECT_ROUTING};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{json, Value};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::config::{peer_vtep_mac, DatapathMode, VxlanOptions};
 use super::device::Vtep;
@@ -105,6 +105,13 @@ pub(super) struct Ebpf {
     /// The indexes of the VXLAN device and of the uplink the programs were loaded for: they
     /// are baked into the programs' config, and the encap hook lives on the device.
     loaded_for: (u32, u32),
+    /// `FLANNEL_VTEPS` as [`Ebpf::remove_gone`] read it, minus what it removed: the
+    /// reconcile's [`Ebpf::apply`] compares with this instead of reading 10,000 entries
+    /// (two syscalls each) a second time; only this agent writes the map in between.
+    read: Option<BTreeMap<Ipv4Net, RemoteVtep>>,
+    /// Entries in `FLANNEL_VTEPS` after the last [`Ebpf::apply`], for `/status/datapath`
+    /// (read once per reconcile already; not again for every status).
+    vtep_count: usize,
     /// Pod fast path: which veth each pod MAC is behind.
     pod_ports: PodPorts,
 }
@@ -162,6 +169,8 @@ pub(super) fn select(
                     dp,
                     pin_dir,
                     loaded_for,
+                    read: None,
+                    vtep_count: 0,
                     pod_ports: PodPorts::default(),
                 }),
             ))
@@ -324,18 +333,35 @@ impl Ebpf {
     /// Before the kernel's entries change: removes the map entries of peers that are gone
     /// (only with a complete peer set), so the programs never use a VTEP whose route is gone.
     pub(super) fn remove_gone(&mut self, peers: &[PeerView], complete: bool) -> Result<usize, BackendError> {
+        // A read left by a reconcile that failed half-way is stale by now.
+        self.read = None;
         if !complete {
             return Ok(0);
         }
         let want: HashSet<Ipv4Net> = peers.iter().map(|p| p.subnet.trunc()).collect();
-        let have = self.dp.vteps().map_err(map_error("read"))?;
+        let mut have: BTreeMap<Ipv4Net, RemoteVtep> = self.dp.vteps().map_err(map_error("read"))?.into_iter().collect();
+        let gone: Vec<(Ipv4Net, RemoteVtep)> = have
+            .iter()
+            .filter(|(subnet, _)| !want.contains(subnet))
+            .map(|(s, v)| (*s, *v))
+            .collect();
+        let each = gone.len() <= crate::backend::routes::LOG_EACH;
         let mut removed = 0;
-        for (subnet, vtep) in have {
-            if !want.contains(&subnet) && self.dp.remove_vtep(subnet).map_err(map_error("remove"))? {
-                info!(%subnet, vtep = %vtep.ipv4(), "eBPF VTEP removed");
+        for (subnet, vtep) in gone {
+            have.remove(&subnet);
+            if self.dp.remove_vtep(subnet).map_err(map_error("remove"))? {
+                if each {
+                    info!(%subnet, vtep = %vtep.ipv4(), "eBPF VTEP removed");
+                } else {
+                    debug!(%subnet, vtep = %vtep.ipv4(), "eBPF VTEP removed");
+                }
                 removed += 1;
             }
         }
+        if !each {
+            info!(removed, "eBPF VTEPs removed");
+        }
+        self.read = Some(have);
         Ok(removed)
     }
 
@@ -349,22 +375,32 @@ impl Ebpf {
         complete: bool,
     ) -> Result<usize, BackendError> {
         let mut want = map_entries(peers.iter().filter(|p| !failed.contains(&p.lease)));
-        let have: BTreeMap<Ipv4Net, RemoteVtep> = self.dp.vteps().map_err(map_error("read"))?.into_iter().collect();
+        let have = match self.read.take() {
+            Some(read) => read,
+            None => self.dp.vteps().map_err(map_error("read"))?.into_iter().collect(),
+        };
         for p in peers.iter().filter(|p| failed.contains(&p.lease)) {
             if let Some(old) = have.get(&p.subnet.trunc()) {
                 want.insert(p.subnet.trunc(), *old);
             }
         }
         if complete {
-            return self.dp.sync_vteps(&want).map_err(map_error("sync"));
+            let changed = self.dp.sync_vteps(&want).map_err(map_error("sync"))?;
+            self.vtep_count = want.len();
+            return Ok(changed);
         }
         let mut changed = 0;
+        let mut count = have.len();
         for (subnet, vtep) in want {
-            if have.get(&subnet) != Some(&vtep) {
-                self.dp.upsert_vtep(subnet, vtep).map_err(map_error("insert"))?;
-                changed += 1;
+            match have.get(&subnet) {
+                Some(v) if *v == vtep => continue,
+                Some(_) => {}
+                None => count += 1,
             }
+            self.dp.upsert_vtep(subnet, vtep).map_err(map_error("insert"))?;
+            changed += 1;
         }
+        self.vtep_count = count;
         Ok(changed)
     }
 
@@ -440,7 +476,7 @@ impl Ebpf {
             "attach_mode": format!("{:?}", self.dp.attach_mode()).to_lowercase(),
             "decap_attached": self.dp.decap_attached(),
             "gso_decap": self.dp.gso_decap(),
-            "vteps": self.dp.vteps().map(|v| v.len()).unwrap_or(0),
+            "vteps": self.vtep_count,
             "pod_fast_path": self.dp.pod_fast_path(),
             "decap_mode": if self.dp.decap_xdp() { "xdp" } else { "tc" },
             "local_pods": self.dp.local_pods().len(),

@@ -172,9 +172,12 @@ pub(super) async fn sync_family(
             .collect();
         rp.replace.retain(|(spec, _)| !held.contains(&spec.dst));
     }
-    let by_subnet: HashMap<IpNet, &str> = d.peers.iter().map(|p| (p.subnet, p.name.as_str())).collect();
-    for (dst, e) in routes::apply_replaces(nl, &rp, dev).await {
-        tally.fail(format!("route {dst}"), e, by_subnet.get(&dst).map(|n| (*n).to_owned()));
+    let failed = routes::apply_replaces(nl, &rp, dev).await;
+    if !failed.is_empty() {
+        let by_subnet: HashMap<IpNet, &str> = d.peers.iter().map(|p| (p.subnet, p.name.as_str())).collect();
+        for (dst, e) in failed {
+            tally.fail(format!("route {dst}"), e, by_subnet.get(&dst).map(|n| (*n).to_owned()));
+        }
     }
     tally.time("routes", t);
     let t = Instant::now();
