@@ -238,15 +238,33 @@ fn create_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), Data
         object: format!("the counters of {addr} (number of possible CPUs)"),
         source: Box::new(MapError::IoError(source)),
     })?;
-    let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus]).map_err(|source| DataplaneError::Map {
-        op: "insert",
-        map: MAP_PEER_STATS,
-        object: addr.to_string(),
-        source: Box::new(MapError::IoError(source)),
-    })?;
-    map.insert(addr.octets(), zero, 0)
-        .map_err(map_error("insert", MAP_PEER_STATS, addr.to_string()))
+    // The map is per-CPU without preallocation: each insert takes per-CPU memory with
+    // GFP_NOWAIT, and a burst of thousands (a node joining a large cluster) outruns the
+    // kernel's asynchronous refill of the per-CPU allocator, which answers ENOMEM until its
+    // worker has run. A short pause lets it run; seen at about 3,500 peers on 6.18.
+    for attempt in 1.. {
+        let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus]).map_err(|source| DataplaneError::Map {
+            op: "insert",
+            map: MAP_PEER_STATS,
+            object: addr.to_string(),
+            source: Box::new(MapError::IoError(source)),
+        })?;
+        match map.insert(addr.octets(), zero, 0) {
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < ENOMEM_TRIES =>
+            {
+                std::thread::sleep(ENOMEM_PAUSE);
+            }
+            r => return r.map_err(map_error("insert", MAP_PEER_STATS, addr.to_string())),
+        }
+    }
+    unreachable!("the loop returns by its last attempt")
 }
+
+/// Tries of a `FLANNEL_PEER_STATS` insert that fails with ENOMEM, and the pause between them
+/// (200 ms in all at most, per address).
+const ENOMEM_TRIES: u32 = 100;
+const ENOMEM_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Removes the counters of the peer at `addr` (none is fine).
 fn remove_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {
