@@ -17,7 +17,7 @@ use anyhow::{ensure, Context};
 use flannel_agent::dataplane::pinned_vteps;
 use flannel_tests::testbed::kube::{pod_cidr, ANNOTATION_PREFIX};
 use flannel_tests::testbed::probe::{http_get, ping_attempts, udp_check};
-use flannel_tests::testbed::{flanneld_path, require_root, wait_for, Pod, Testbed, TestbedOptions, AGENT_HEALTHZ_PORT};
+use flannel_tests::testbed::{require_root, wait_for, Pod, Testbed, TestbedOptions, AGENT_HEALTHZ_PORT};
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -177,7 +177,10 @@ async fn the_agent_keeps_the_cni_plugin_and_conflist_installed() -> anyhow::Resu
         &conf_source,
         r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#,
     )?;
-    let plugin_source = flanneld_path()?.with_file_name("flannel");
+    // A stand-in for the plugin binary: the agent copies bytes, and the real debug build
+    // is ~200 MB, which would make every copy and comparison slow on a loaded machine.
+    let plugin_source = dir.join("flannel-plugin");
+    std::fs::write(&plugin_source, b"\x7fELF stand-in for the flannel CNI plugin")?;
     let (plugin, conflist) = (bin_dir.join("flannel"), conf_dir.join("10-flannel.conflist"));
     let arg = |flag: &str, path: &std::path::Path| format!("--{flag}={}", path.display());
     let args = [
