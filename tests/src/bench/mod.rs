@@ -15,6 +15,7 @@ pub mod report;
 pub mod tools;
 pub mod variant;
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -59,10 +60,22 @@ pub const MEASUREMENTS: [Measurement; 3] = [Measurement::Tcp, Measurement::PingP
 /// Builds `variant`'s cluster: testbed, agents, pods, servers, and reads back which datapath
 /// runs. No bed and [`Availability::NotAvailable`] when the variant is not available (an
 /// optional variant whose agents did not come up, or whose option the agent ignored).
-pub async fn start_bed(variant: &Variant) -> anyhow::Result<(Option<Bed>, Availability)> {
-    let options = TestbedOptions::new(2)
+/// `release_agent`: the flanneld used where the agent is the datapath (udp); without it that
+/// row runs the default (debug) flanneld and says so.
+pub async fn start_bed(variant: &Variant, release_agent: Option<&Path>) -> anyhow::Result<(Option<Bed>, Availability)> {
+    let mut options = TestbedOptions::new(2)
         .net_conf(&variant.net_conf())
         .underlay_mtu(UNDERLAY_MTU);
+    let mut profile = "";
+    if variant.agent_is_datapath() {
+        match release_agent {
+            Some(path) => {
+                options = options.flanneld(path.to_path_buf());
+                profile = ", release flanneld";
+            }
+            None => profile = ", DEBUG flanneld: not representative",
+        }
+    }
     let mut tb = Testbed::start(options).await?;
     for n in 1..=2 {
         tb.start_agent(n, &[]).await?;
@@ -88,7 +101,7 @@ pub async fn start_bed(variant: &Variant) -> anyhow::Result<(Option<Bed>, Availa
         .with_context(|| format!("variant {}: pod to pod TCP", variant.key))?;
     let seen = Observed::of_nodes(&mut tb).await?;
     let label = match variant.judge(&seen) {
-        Ok(label) => label,
+        Ok(label) => label + profile,
         Err(reason) => return Ok((None, Availability::NotAvailable(reason))),
     };
     let servers = tools::start_servers(&tb, &server).await?;

@@ -36,11 +36,13 @@ pub enum Expect {
     EbpfVxlan,
     /// The eBPF datapath plus a flannel program on a pod-facing device.
     EbpfFastPath,
+    /// The udp backend: TUN `flannel0` and the agent's userspace proxy.
+    Udp,
 }
 
 /// The variants in table order; the first is the ceiling every ratio is taken against, the
 /// second the baseline (upstream's datapath).
-pub const VARIANTS: [Variant; 4] = [
+pub const VARIANTS: [Variant; 5] = [
     Variant {
         key: "host-gw",
         title: "host-gw (plain routing, the ceiling)",
@@ -65,6 +67,12 @@ pub const VARIANTS: [Variant; 4] = [
         backend: r#"{"Type":"vxlan","Datapath":"ebpf","PodFastPath":true}"#,
         expects: Expect::EbpfFastPath,
     },
+    Variant {
+        key: "udp",
+        title: "udp, userspace proxy over TUN",
+        backend: r#"{"Type":"udp"}"#,
+        expects: Expect::Udp,
+    },
 ];
 
 /// The key of the ceiling variant.
@@ -84,6 +92,11 @@ impl Variant {
     /// The whole net-conf.json for a benchmark cluster (`10.244.0.0/16`, /24 per node).
     pub fn net_conf(&self) -> String {
         format!(r#"{{"Network":"10.244.0.0/16","Backend":{}}}"#, self.backend)
+    }
+
+    /// Whether the agent itself forwards the packets (so its build profile matters).
+    pub fn agent_is_datapath(&self) -> bool {
+        self.expects == Expect::Udp
     }
 
     /// Whether a failure to start this variant's agents means the option is not there yet
@@ -109,6 +122,8 @@ impl Variant {
         };
         match (self.expects, ebpf) {
             (Expect::HostGw, _) => Ok("host-gw".into()),
+            (Expect::Udp, _) if seen.tun => Ok("udp (TUN flannel0, userspace proxy)".into()),
+            (Expect::Udp, _) => Err("no flannel0 TUN device on the node".into()),
             (Expect::KernelVxlan, Some(ebpf)) => Ok(format!("{ebpf}: Datapath \"kernel\" ignored!")),
             (Expect::KernelVxlan, None) => Ok(kernel.into()),
             (Expect::EbpfVxlan, Some(ebpf)) => Ok(ebpf.into()),
@@ -138,6 +153,8 @@ pub struct Observed {
     /// The eBPF datapath's counters (`FLANNEL_STATS`), summed over both nodes; empty when no
     /// agent pinned them.
     pub counters: BTreeMap<String, u64>,
+    /// Node 1 has the udp backend's TUN device `flannel0`.
+    pub tun: bool,
 }
 
 impl Observed {
@@ -152,6 +169,7 @@ impl Observed {
                 .context("listing BPF attachments (is bpftool installed?)")?;
             if n == 1 {
                 seen.attachments = parse_bpftool_net(&out)?;
+                seen.tun = tb.ip(&netns, &["link", "show", "flannel0"]).await.is_ok();
             }
             let pin_dir = tb.bpf_pin_dir(n)?;
             seen.attachments.extend(link_pins(&pin_dir, &tb.node(n).name));
@@ -259,7 +277,11 @@ mod tests {
             ]
         );
         let counters = [("encap_packets".to_owned(), 5), ("decap_packets".to_owned(), 4)].into();
-        let seen = Observed { attachments, counters };
+        let seen = Observed {
+            attachments,
+            counters,
+            tun: false,
+        };
         assert!(seen.encap_ran() && seen.decap_ran() && seen.pod_side().is_empty());
         let none = Observed::default();
         assert_eq!(
@@ -277,6 +299,12 @@ mod tests {
         fast.counters.insert("decap_to_pod_packets".into(), 3);
         let label = variant("ebpf-fastpath").unwrap().judge(&fast).unwrap();
         assert!(label.ends_with("+ pod fast path (both ways)"), "{label}");
+        assert!(variant("udp").unwrap().judge(&seen).is_err());
+        let udp = Observed {
+            tun: true,
+            ..Observed::default()
+        };
+        assert!(variant("udp").unwrap().judge(&udp).unwrap().starts_with("udp"));
         assert!(variant("nope").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: compares pod-to-pod datapaths (host-gw, kernel VXLAN, eBPF VXLAN,
-//! eBPF VXLAN with the pod fast path) on two-node clusters in network namespaces, with
+//! eBPF VXLAN with the pod fast path, the udp backend's userspace proxy) on two-node clusters in network namespaces, with
 //! rounds that interleave the variants, then times how fast an agent programs many remote
 //! leases with each VXLAN datapath. Writes `target/bench/datapath.{json,md}` and prints the
 //! table. See `flannel_tests::bench` for the method.
@@ -39,6 +39,10 @@ struct Args {
     /// Give up on lease programming after this many seconds (and report that).
     #[arg(long, default_value_t = 120)]
     lease_timeout: u64,
+    /// The flanneld for variants whose datapath is the agent itself (udp); `cargo xtask bench`
+    /// passes a release build. Without it they run the default (debug) flanneld.
+    #[arg(long)]
+    release_agent: Option<PathBuf>,
     /// Output directory (default: the workspace's target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -105,7 +109,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for v in &variants {
         let t = Instant::now();
-        let (bed, availability) = start_bed(v).await?;
+        let (bed, availability) = start_bed(v, args.release_agent.as_deref()).await?;
         let what = match &availability {
             Availability::Measured { label, attachments } => format!("{label} {attachments:?}"),
             Availability::NotAvailable(why) => format!("not available: {why}"),

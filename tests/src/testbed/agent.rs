@@ -98,7 +98,10 @@ impl Testbed {
         {
             bail!("an agent already runs on {}", node.name);
         }
-        let binary = flanneld_path()?;
+        let binary = match &self.options.flanneld {
+            Some(path) => path.clone(),
+            None => flanneld_path()?,
+        };
         let pin_dir = self.bpf_pin_dir(number)?;
 
         let kube = self.kube_agent_defaults(number);

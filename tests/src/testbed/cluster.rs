@@ -83,6 +83,8 @@ pub struct TestbedOptions {
     pub flannel_cni: bool,
     /// Kube mode: the Kubernetes API emulator is the store instead of etcd (see `kube.rs`).
     pub kube: bool,
+    /// The flanneld binary agents run; `None`: [`crate::testbed::flanneld_path`].
+    pub flanneld: Option<PathBuf>,
 }
 
 impl TestbedOptions {
@@ -97,6 +99,7 @@ impl TestbedOptions {
             net_conf: None,
             flannel_cni: true,
             kube: false,
+            flanneld: None,
         }
     }
 
@@ -112,6 +115,13 @@ impl TestbedOptions {
     /// Whether pods go through the flannel CNI plugin when it can be had (default true).
     pub fn flannel_cni(mut self, on: bool) -> Self {
         self.flannel_cni = on;
+        self
+    }
+
+    /// Runs agents from this flanneld binary (e.g. a release build, where the agent is the
+    /// datapath).
+    pub fn flanneld(mut self, path: PathBuf) -> Self {
+        self.flanneld = Some(path);
         self
     }
 

@@ -47,6 +47,30 @@ pub const DEFAULT_PORT: u16 = 8285;
 /// The TUN name template; the kernel picks the number (normally `flannel0`).
 const TUN_TEMPLATE: &str = "flannel%d";
 
+/// The UDP socket's send and receive buffers.
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// `setsockopt(SOL_SOCKET, opt, bytes)` (the `*FORCE` options pass `rmem_max`/`wmem_max`,
+/// which a node agent with CAP_NET_ADMIN may).
+fn set_buffer(socket: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: passes a valid c_int and its size for a SOL_SOCKET option of an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reads `Port` from the raw `Backend` object.
 pub fn parse_port(backend: &Value) -> Result<u16, BackendError> {
     let empty = Map::new();
@@ -292,6 +316,13 @@ impl Backend for UdpBackend {
         socket
             .set_nonblocking(true)
             .map_err(|e| kernel("set non-blocking", format!("UDP socket {bind}"), e))?;
+        // A burst the proxy has not drained yet must not overflow the default ~200 KiB
+        // buffers: every datagram lost there is a TCP retransmission for a pod.
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            if let Err(e) = set_buffer(&socket, opt, SOCKET_BUFFER) {
+                warn!(error = %e, "udp: cannot enlarge the socket buffers; bursts may be dropped");
+            }
+        }
         self.socket = Some(Arc::new(socket));
         self.nl = Some(Netlink::new().map_err(|e| kernel("open", "rtnetlink socket", e))?);
         self.tun = Some(Self::open_tun()?);
