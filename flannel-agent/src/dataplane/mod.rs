@@ -308,13 +308,25 @@ impl Datapath {
             })?;
         }
         let mut pods = maps::PodTable::new(take(&mut ebpf, MAP_LOCAL_PODS)?)?;
+        let mode = config.attach.resolve();
         if !config.pod_fast_path {
-            // Left by a run with the fast path on; the programs ignore it now, but keep the map
-            // honest for bpftool and flannelctl.
+            // Left by a run with the fast path on: the old flannel_pod_egress (loaded with the
+            // fast path on) would keep running on the veths. The local pods are only read by
+            // programs that now ignore them, but keep the map honest for bpftool.
             pods.sync(&BTreeMap::new())?;
             detach_pod_ports(&dir, &BTreeSet::new())?;
+            if mode == AttachMode::Netlink {
+                // cls_bpf filters have no pins to find them by: look on every device.
+                let names = attach::interfaces().map_err(|source| DataplaneError::Io {
+                    op: "list network interfaces for",
+                    path: dir.clone(),
+                    source,
+                })?;
+                for iface in names {
+                    attach::detach(&attach::Hook::new(PROG_POD_EGRESS, &iface, TcAttachType::Ingress, &dir))?;
+                }
+            }
         }
-        let mode = config.attach.resolve();
 
         let encap = attach::Hook::new(PROG_ENCAP, &config.vxlan_dev, TcAttachType::Egress, &dir);
         attach::attach(program(&mut ebpf, PROG_ENCAP)?, &encap, mode)?;
