@@ -243,6 +243,7 @@ async fn udp_three_nodes_full_matrix_icmp_tcp_udp() -> anyhow::Result<()> {
         );
         let link = tb.link_details(n, "flannel0").await?;
         assert_eq!(link["mtu"], 1500 - 28, "node {n}: {link}");
+        assert_eq!(link["txqlen"], 10_000, "node {n}: {link}");
         let routes = tb.flannel_routes(n, false).await?;
         ensure!(
             routes.len() == 1

@@ -139,15 +139,15 @@ impl Netlink {
             .map_err(|e| NetlinkError::request(format!("set link {index} up"), e))
     }
 
-    /// `ip link set <index> mtu <mtu>`.
-    pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+    /// `ip link set <index> mtu <mtu> txqueuelen <qlen>`.
+    pub async fn set_link_mtu(&self, index: u32, mtu: u32, qlen: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).txqueuelen(qlen).build();
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(|e| NetlinkError::request(format!("set link {index} mtu {mtu}"), e))
+            .map_err(|e| NetlinkError::request(format!("set link {index} mtu {mtu} txqueuelen {qlen}"), e))
     }
 
     /// `ip link set <index> address <mac>`.
