@@ -709,22 +709,7 @@ pub fn pinned_xdp_counters(pin_dir: &Path) -> Result<XdpCounters, DataplaneError
 
 /// The XDP program of a loaded object, loaded into the kernel (verified) if it is not yet.
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    let name = PROG_XDP_DECAP;
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(DataplaneError::MissingNames { missing: vec![name] })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            program: name,
-            source: Box::new(source),
-        })?;
-    if program.fd().is_err() {
-        program.load().map_err(|source| DataplaneError::Program {
-            program: name,
-            source: Box::new(source),
-        })?;
-    }
-    Ok(program)
+    loaded_program(ebpf, PROG_XDP_DECAP, Xdp::load, |p| p.fd().is_ok())
 }
 
 /// The counters from the pinned `FLANNEL_STATS` under `pin_dir`, for processes other than the
@@ -743,7 +728,22 @@ pub fn pinned_vteps(pin_dir: &Path) -> Result<Vec<(Ipv4Net, RemoteVtep)>, Datapl
 
 /// A loaded object's program, loaded into the kernel (verified) if it is not yet.
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    let program: &mut SchedClassifier = ebpf
+    loaded_program(ebpf, name, SchedClassifier::load, |p| p.fd().is_ok())
+}
+
+/// The program `name` of a loaded object as its type `P`, loaded into the kernel (verified)
+/// unless `is_loaded` says it already is. aya's program types share no trait for `load`,
+/// hence the two function arguments.
+fn loaded_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+    is_loaded: fn(&P) -> bool,
+) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program: &mut P = ebpf
         .program_mut(name)
         .ok_or(DataplaneError::MissingNames { missing: vec![name] })?
         .try_into()
@@ -751,8 +751,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
             program: name,
             source: Box::new(source),
         })?;
-    if program.fd().is_err() {
-        program.load().map_err(|source| DataplaneError::Program {
+    if !is_loaded(program) {
+        load(program).map_err(|source| DataplaneError::Program {
             program: name,
             source: Box::new(source),
         })?;
