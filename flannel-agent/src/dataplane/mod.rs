@@ -645,8 +645,8 @@ fn detach_pod_ports(dir: &Path, keep: &BTreeSet<u32>) -> Result<usize, Dataplane
     Ok(removed)
 }
 
-/// An error and its sources on one line.
-fn chain(e: &dyn Error) -> String {
+/// An error and its sources on one line (also the vxlan backend's, for the probe's reason).
+pub(crate) fn chain(e: &dyn Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

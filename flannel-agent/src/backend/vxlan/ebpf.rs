@@ -21,7 +21,7 @@ use super::device::Vtep;
 use super::plan::Desired;
 use super::pods::{PodPorts, POD_BRIDGE};
 use crate::backend::BackendError;
-use crate::dataplane::{self, Datapath, DatapathConfig, DataplaneError, ProbeFeature, ProbeOptions};
+use crate::dataplane::{self, chain, Datapath, DatapathConfig, DataplaneError, ProbeFeature, ProbeOptions};
 use crate::netlink::{ExternalInterface, Netlink};
 use crate::subnet::Lease;
 
@@ -197,18 +197,6 @@ fn warn_fast_path_off(opts: &VxlanOptions) {
     if opts.decap_xdp {
         warn!("DecapMode is \"xdp\" but the kernel vxlan datapath runs: the kernel decapsulates");
     }
-}
-
-/// An error and its sources on one line (the probe's reason is in the source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// With the kernel datapath chosen, programs an earlier eBPF run left attached would keep
