@@ -135,6 +135,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let ebpf = EbpfSettings {
         pin_dir: Some(flags.bpf_pin_dir.clone()),
         pretend_missing: pretend_missing()?,
+        pods_masqueraded: !flags.ip_masq,
     };
     let factory = move |config: &NetworkConfig| make_backend(config, &ebpf);
     daemon::run(cfg, sm, &factory, health, shutdown).await?;

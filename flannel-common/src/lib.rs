@@ -50,12 +50,18 @@ pub const MAP_LOCAL_PODS: &str = "FLANNEL_LOCAL_PODS";
 pub const MAP_POD_STATS: &str = "FLANNEL_POD_STATS";
 /// Name of the per-CPU array of `flannel_xdp_decap`'s counters, indexed by [`XdpStat`].
 pub const MAP_XDP_STATS: &str = "FLANNEL_XDP_STATS";
+/// Name of the LRU hash of the flows the host's own path (routing, netfilter, conntrack) has
+/// carried on this node: [`FlowKey`] -> [`KernelFlow`]. With the pod fast path on,
+/// `flannel_encap` and `flannel_decap` add every flow they hand to or take from the kernel's
+/// path, and the fast path leaves those flows on that path for their lifetime, so conntrack
+/// sees all of a flow's packets or none (a service's reverse NAT, `--ctstate INVALID` drops).
+pub const MAP_KERNEL_FLOWS: &str = "FLANNEL_KERNEL_FLOWS";
 /// Every map the agent pins, and expects in the built object.
 ///
-/// The last four came after version 1 was released without them. Adding a map does not
+/// The last five came after version 1 was released without them. Adding a map does not
 /// change the layout of the others, so it needs no [`DATAPATH_VERSION`] bump: an agent that
 /// finds the older pins reuses them and creates the new maps beside them.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     MAP_VTEPS,
     MAP_VTEP_ADDRS,
     MAP_STATS,
@@ -63,6 +69,7 @@ pub const MAP_NAMES: [&str; 7] = [
     MAP_LOCAL_PODS,
     MAP_POD_STATS,
     MAP_XDP_STATS,
+    MAP_KERNEL_FLOWS,
 ];
 
 /// Name of the TC classifier for the egress of `flannel.<VNI>`: encapsulates IPv4 packets for
@@ -116,6 +123,11 @@ pub const PEER_STATS_MAX_ENTRIES: u32 = VTEP_ADDRS_MAX_ENTRIES;
 /// Capacity of [`MAP_LOCAL_PODS`]: pods on this node (kubelet's default limit is 110; a /24
 /// lease holds 254).
 pub const LOCAL_PODS_MAX_ENTRIES: u32 = 4096;
+/// Capacity of [`MAP_KERNEL_FLOWS`]. An LRU map is preallocated: about 5 MB. When it is full
+/// the least recently used flow is forgotten, and its next packets may take the fast path;
+/// the map only holds flows that crossed the host's path (service traffic, traffic of pods
+/// not yet on the fast path), a small part of the conntrack table.
+pub const KERNEL_FLOWS_MAX_ENTRIES: u32 = 65536;
 
 /// Key of [`MAP_VTEPS`]: an IPv4 prefix in the layout the kernel's LPM trie expects.
 ///
@@ -313,6 +325,61 @@ pub struct LocalPod {
 
 const _: () = assert!(size_of::<LocalPod>() == 16);
 
+/// Key of [`MAP_KERNEL_FLOWS`]: a flow in canonical order, the same for both directions. The
+/// endpoint with the lower (address, port) is `a`. Ports are those of TCP and UDP; an ICMP
+/// echo request and its reply use the echo identifier as both ports. Addresses and ports are
+/// in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The lower endpoint's IPv4 address.
+    pub addr_a: [u8; 4],
+    /// The higher endpoint's IPv4 address.
+    pub addr_b: [u8; 4],
+    /// The lower endpoint's port.
+    pub port_a: [u8; 2],
+    /// The higher endpoint's port.
+    pub port_b: [u8; 2],
+    /// IP protocol number (1, 6 or 17).
+    pub protocol: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<FlowKey>() == 16);
+
+impl FlowKey {
+    /// The key of the flow a packet from `saddr:sport` to `daddr:dport` belongs to.
+    pub fn new(protocol: u8, saddr: [u8; 4], sport: [u8; 2], daddr: [u8; 4], dport: [u8; 2]) -> Self {
+        // Integers, not arrays: an array comparison becomes a memcmp call, which BPF lacks.
+        let s = (u32::from_be_bytes(saddr), u16::from_be_bytes(sport));
+        let d = (u32::from_be_bytes(daddr), u16::from_be_bytes(dport));
+        let (a, b) = if s <= d {
+            ((saddr, sport), (daddr, dport))
+        } else {
+            ((daddr, dport), (saddr, sport))
+        };
+        Self {
+            addr_a: a.0,
+            addr_b: b.0,
+            port_a: a.1,
+            port_b: b.1,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of [`MAP_KERNEL_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelFlow {
+    /// `bpf_ktime_get_ns()` when the flow was first seen on the host's path.
+    pub first_seen_ns: u64,
+}
+
+const _: () = assert!(size_of::<KernelFlow>() == 8);
+
 /// Value of [`MAP_PEER_STATS`]: what this node exchanged with one remote VTEP, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -347,7 +414,9 @@ pub enum PodStat {
     EgressPassNotRemote = 2,
     /// Passed to the bridge: to a remote subnet but not for the fast path (DirectRouting
     /// peer, TTL about to expire, a broadcast or multicast frame, or one of the encap
-    /// program's own reasons: too big, no underlay route, unsupported GSO).
+    /// program's own reasons: too big, no underlay route, unsupported GSO), or a flow the
+    /// host's path carries already ([`MAP_KERNEL_FLOWS`]), or a packet that cannot be told
+    /// apart by flow (a fragment, IP options, a protocol other than TCP, UDP and ICMP echo).
     EgressPassKernel = 3,
     /// Dropped: writing the headers failed after the room was made.
     EgressDropWriteFailed = 4,
@@ -609,10 +678,30 @@ unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for LocalPod {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for KernelFlow {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_key_is_the_same_both_ways() {
+        let a = [10, 244, 1, 5];
+        let b = [10, 244, 2, 7];
+        let fwd = FlowKey::new(6, a, [0x9c, 0x40], b, [0, 80]);
+        assert_eq!(fwd, FlowKey::new(6, b, [0, 80], a, [0x9c, 0x40]));
+        assert_eq!(
+            (fwd.addr_a, fwd.port_a, fwd.addr_b, fwd.port_b),
+            (a, [0x9c, 0x40], b, [0, 80])
+        );
+        // Same address: the port decides; another protocol is another flow.
+        let same = FlowKey::new(17, a, [0, 9], a, [0, 8]);
+        assert_eq!((same.port_a, same.port_b), ([0, 8], [0, 9]));
+        assert_ne!(fwd, FlowKey::new(17, a, [0x9c, 0x40], b, [0, 80]));
+    }
 
     #[test]
     fn vtep_key_holds_the_octets_in_wire_order() {

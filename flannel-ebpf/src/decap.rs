@@ -11,6 +11,10 @@
 //! common case, leave it to the kernel (`TC_ACT_OK`), which then behaves exactly as upstream.
 //! The one deliberate difference is that VXLAN from an address that is no known VTEP is
 //! dropped.
+//!
+//! With the pod fast path on, a packet for a local pod goes straight into the pod unless its
+//! flow is one the host's path carries (`flows`); every packet this program hands to the
+//! host's path has its flow remembered there.
 
 use aya_ebpf::{
     bindings::{
@@ -27,7 +31,7 @@ use flannel_common::{
 };
 
 use crate::{
-    count, count_peer, count_pod, decrement_ttl,
+    count, count_peer, count_pod, decrement_ttl, flows,
     headers::{
         ipv4_checksum, EthHdr, Ipv4Hdr, OuterHdrs, VxlanPayloadHdrs, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_UDP,
         IPV4_HLEN, IP_FRAG_MASK, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
@@ -87,12 +91,20 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     if !is_known_vtep(outer.ip.saddr) {
         return Err(Stat::DecapDropUnknownVtep);
     }
-    let pod = if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
-        local_pod(ctx)
+    let inner_ip: Option<Ipv4Hdr> = if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
+        ctx.load(INNER_IP_OFFSET).ok()
     } else {
         None
     };
-    if !is_common_case(ctx, cfg, &outer, &inner, frame_len, pod.is_some()) {
+    let pod = inner_ip.and_then(|ip| local_pod(ctx, INNER_IP_OFFSET, ip));
+    let common = is_common_case(ctx, cfg, &outer, &inner, frame_len, pod.is_some());
+    if let Some(ip) = &inner_ip {
+        if pod.is_none() || !common {
+            // The host's path takes this packet: keep its flow there (`flows`).
+            flows::record(ctx, INNER_IP_OFFSET, ip);
+        }
+    }
+    if !common {
         return Err(Stat::DecapPassKernel);
     }
 
@@ -101,8 +113,13 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     } else {
         FLAGS
     };
-    ctx.adjust_room(-(ADJUST_LEN as i32), MODE, flags)
-        .map_err(|_| Stat::DecapPassKernel)?;
+    if ctx.adjust_room(-(ADJUST_LEN as i32), MODE, flags).is_err() {
+        // Unchanged, the packet goes to the kernel's vxlan driver after all.
+        if let (Some(ip), Some(_)) = (&inner_ip, &pod) {
+            flows::record(ctx, INNER_IP_OFFSET, ip);
+        }
+        return Err(Stat::DecapPassKernel);
+    }
     // MAC mode removed the 50 bytes after the outer Ethernet header, i.e. the outer IPv4, UDP
     // and VXLAN headers and the inner Ethernet header: put the inner one where the outer was.
     let eth = match &pod {
@@ -177,8 +194,9 @@ fn deliver_stripped(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4]) -> 
     let mut pod = None;
     if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
         if let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN as usize) {
-            if ip.version_ihl >> 4 == 4 && ip.ttl > 1 {
-                pod = lookup_local_pod(ip.daddr).map(|p| (p, ip));
+            pod = local_pod(ctx, ETH_HLEN as usize, ip);
+            if pod.is_none() {
+                flows::record(ctx, ETH_HLEN as usize, &ip);
             }
         }
     }
@@ -195,16 +213,17 @@ fn deliver_stripped(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4]) -> 
     Ok(deliver(ctx, cfg, vtep_ip, pod))
 }
 
-/// The local pod the inner packet is addressed to, with the inner IPv4 header, when the pod
-/// fast path can deliver it: a pod in `FLANNEL_LOCAL_PODS` and a TTL that survives one more
-/// hop (else the kernel path sends the ICMP error).
+/// The local pod the inner packet (IPv4 header `ip` at `ip_offset`) is addressed to, with
+/// that header, when the pod fast path can deliver it: a pod in `FLANNEL_LOCAL_PODS`, a TTL
+/// that survives one more hop (else the kernel path sends the ICMP error), and a flow the
+/// host's path does not carry.
 #[inline(always)]
-fn local_pod(ctx: &TcContext) -> Option<(LocalPod, Ipv4Hdr)> {
-    let ip: Ipv4Hdr = ctx.load(INNER_IP_OFFSET).ok()?;
+fn local_pod(ctx: &TcContext, ip_offset: usize, ip: Ipv4Hdr) -> Option<(LocalPod, Ipv4Hdr)> {
     if ip.version_ihl >> 4 != 4 || ip.ttl <= 1 {
         return None;
     }
-    lookup_local_pod(ip.daddr).map(|pod| (pod, ip))
+    let pod = lookup_local_pod(ip.daddr)?;
+    flows::fast_path_may_take(ctx, ip_offset, &ip).then_some((pod, ip))
 }
 
 /// UDP over IPv4 without options, not a fragment, to our VTEP address and VXLAN port: what

@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use flannel_common::{
     wire::{flow_src_port, outer_tos},
-    DatapathConfig, RemoteVtep, Stat, VTEP_F_DIRECT_ROUTING,
+    DatapathConfig, RemoteVtep, Stat, CFG_F_POD_FAST_PATH, VTEP_F_DIRECT_ROUTING,
 };
 
 use crate::{
-    count, count_peer, decrement_ttl,
+    count, count_peer, decrement_ttl, flows,
     headers::{
         ipv4_checksum, EthHdr, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr, ADJUST_LEN, ETH_HLEN, ETH_P_IP, IPPROTO_TCP,
         IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_ENCAP_LEN, VXLAN_FLAGS_I,
@@ -74,6 +74,11 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     let vtep = lookup_vtep(ip.daddr).ok_or(Stat::EncapPassNoVtep)?;
     if vtep.flags & VTEP_F_DIRECT_ROUTING != 0 {
         return Err(Stat::EncapPassDirectRouting);
+    }
+    if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
+        // This packet crossed the host's routing and netfilter: keep its flow off the pod
+        // fast path (`flows`).
+        flows::record(ctx, ETH_HLEN as usize, &ip);
     }
     let (action, len) = encap_to(ctx, cfg, &vtep, &inner_eth, &ip, false)?;
     count(Stat::EncapPackets, 1);

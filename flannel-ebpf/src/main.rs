@@ -17,6 +17,7 @@
 
 mod decap;
 mod encap;
+mod flows;
 mod headers;
 mod pod;
 mod xdp;
@@ -28,15 +29,15 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
         BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT,
     },
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
     Global,
 };
 use flannel_common::{
-    DatapathConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, VtepKey, XdpStat, LOCAL_PODS_MAX_ENTRIES,
-    PEER_STATS_MAX_ENTRIES, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP, PROBE_OK_ENCAP, PROBE_RESULT_BASE,
-    VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
+    DatapathConfig, FlowKey, KernelFlow, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, VtepKey, XdpStat,
+    KERNEL_FLOWS_MAX_ENTRIES, LOCAL_PODS_MAX_ENTRIES, PEER_STATS_MAX_ENTRIES, PROBE_OK_DECAP, PROBE_OK_DECAP_L4_UDP,
+    PROBE_OK_ENCAP, PROBE_RESULT_BASE, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
 use headers::Ipv4Hdr;
 
@@ -71,6 +72,11 @@ static FLANNEL_PEER_STATS: PerCpuHashMap<
 /// agent; a pod without an entry takes the kernel's path.
 #[btf_map]
 static FLANNEL_LOCAL_PODS: HashMap<[u8; 4], LocalPod, { LOCAL_PODS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// The flows the host's path carries, which the pod fast path leaves to it (see `flows`).
+/// Written by `flannel_encap` and `flannel_decap` while the pod fast path is on.
+#[btf_map]
+static FLANNEL_KERNEL_FLOWS: LruHashMap<FlowKey, KernelFlow, { KERNEL_FLOWS_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// The pod fast path's counters, one `u64` per CPU per [`PodStat`].
 #[btf_map]

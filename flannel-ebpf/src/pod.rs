@@ -7,11 +7,15 @@
 //! Because the host does not route the packet, the program does what routing would have done
 //! to it: it decrements the TTL (and leaves a packet whose TTL expires to the kernel, which
 //! answers with ICMP "time exceeded").
+//!
+//! A flow the host's path already carries (it started before the program was attached to
+//! the pod's veth, or it is a service connection conntrack translates) stays there: see
+//! `flows`.
 
 use aya_ebpf::programs::TcContext;
 use flannel_common::{DatapathConfig, PodStat, Stat, CFG_F_POD_FAST_PATH, VTEP_F_DIRECT_ROUTING};
 
-use crate::{count_pod, encap, lookup_vtep};
+use crate::{count_pod, encap, flows, headers::ETH_HLEN, lookup_vtep};
 
 /// Encapsulates a pod's packet for a remote pod subnet and redirects it to the underlay, or
 /// says why it goes on to the bridge.
@@ -25,6 +29,9 @@ pub fn pod_egress(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, PodStat>
     // DirectRouting peers are routed without encapsulation by the kernel; a broadcast or
     // multicast frame is not for the gateway; a TTL of 1 needs an ICMP answer.
     if vtep.flags & VTEP_F_DIRECT_ROUTING != 0 || eth.dst[0] & 1 != 0 || ip.ttl <= 1 {
+        return Err(PodStat::EgressPassKernel);
+    }
+    if !flows::fast_path_may_take(ctx, ETH_HLEN as usize, &ip) {
         return Err(PodStat::EgressPassKernel);
     }
     match encap::encap_to(ctx, cfg, &vtep, &eth, &ip, true) {

@@ -14,7 +14,7 @@
 mod http;
 pub mod peers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -88,7 +88,17 @@ fn print(cli: &Cli, value: Value, text: &str) {
 
 fn status(cli: &Cli) -> anyhow::Result<u8> {
     let agent = http::get_json(&cli.healthz, "/status")?;
-    let datapath = http::get_json(&cli.healthz, "/status/datapath")?;
+    let mut datapath = http::get_json(&cli.healthz, "/status/datapath")?;
+    // The agent's report is as of its last reconcile (up to 10 s old); the eBPF counters are
+    // read live from the pinned maps when they can be (flannelctl runs on the node).
+    let live = datapath
+        .pointer("/ebpf/pin_dir")
+        .and_then(Value::as_str)
+        .and_then(|dir| pinned_counters(Path::new(dir)).ok());
+    if let (Some(live), Some(ebpf)) = (live, datapath.get_mut("ebpf").and_then(Value::as_object_mut)) {
+        ebpf.insert("counters".into(), Value::Object(live));
+        ebpf.insert("counters_from".into(), "pinned maps".into());
+    }
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
     let mut text = format!(
         "lease:      {} (public IP {})\nbackend:    {} ({} subnet manager)\nready:      {}\npeers:      {}\n",
@@ -122,6 +132,12 @@ fn status(cli: &Cli) -> anyhow::Result<u8> {
             },
             e.get("vteps").and_then(Value::as_u64).unwrap_or(0),
         ));
+        if let Some(c) = e.get("counters").and_then(Value::as_object) {
+            text.push_str("eBPF counters (those above 0):\n");
+            for (name, v) in c.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+                text.push_str(&format!("  {name:<30} {v}\n"));
+            }
+        }
     }
     if let Some(u) = datapath.get("udp") {
         text.push_str(&format!(
@@ -148,6 +164,23 @@ fn status(cli: &Cli) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// The node counters as they are now, from the maps pinned under `dir`.
+fn pinned_counters(dir: &Path) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut counters: serde_json::Map<String, Value> = dataplane::pinned_counters(dir)
+        .with_context(|| format!("reading the pinned FLANNEL_STATS under {}", dir.display()))?
+        .iter()
+        .map(|(stat, v)| (stat.name().to_owned(), Value::from(v)))
+        .collect();
+    // Pins of an agent from before the pod fast path have no FLANNEL_POD_STATS (nor XDP).
+    if let Ok(pod) = dataplane::pinned_pod_counters(dir) {
+        counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+    }
+    if let Ok(xdp) = dataplane::pinned_xdp_counters(dir) {
+        counters.extend(xdp.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
+    }
+    Ok(counters)
+}
+
 fn peers_cmd(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<u8> {
     let report = http::get_json(&cli.healthz, "/status/datapath")?;
     let leases: Vec<PeerView> = report
@@ -168,18 +201,7 @@ fn peers_cmd(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<u8> {
         (Some(dir), true) => {
             let vteps = dataplane::pinned_vteps(dir)
                 .with_context(|| format!("reading the pinned FLANNEL_VTEPS under {}", dir.display()))?;
-            let mut counters: serde_json::Map<String, Value> = dataplane::pinned_counters(dir)
-                .with_context(|| format!("reading the pinned FLANNEL_STATS under {}", dir.display()))?
-                .iter()
-                .map(|(stat, v)| (stat.name().to_owned(), Value::from(v)))
-                .collect();
-            // Pins of an agent from before the pod fast path have no FLANNEL_POD_STATS (nor XDP).
-            if let Ok(pod) = dataplane::pinned_pod_counters(dir) {
-                counters.extend(pod.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
-            }
-            if let Ok(xdp) = dataplane::pinned_xdp_counters(dir) {
-                counters.extend(xdp.iter().map(|(stat, v)| (stat.name().to_owned(), Value::from(v))));
-            }
+            let counters = pinned_counters(dir)?;
             let peer_stats = dataplane::pinned_peer_counters(dir)
                 .with_context(|| format!("reading the pinned FLANNEL_PEER_STATS under {}", dir.display()))?;
             (Some(vteps), counters, peer_stats)

@@ -10,8 +10,8 @@ use aya::maps::{
     lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
 use flannel_common::{
-    LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, MAP_LOCAL_PODS, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS,
-    MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
+    FlowKey, KernelFlow, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, MAP_KERNEL_FLOWS, MAP_LOCAL_PODS,
+    MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
 };
 use ipnet::Ipv4Net;
 
@@ -446,8 +446,22 @@ pub fn open_pinned(path: &std::path::Path, name: &'static str) -> Result<Map, Da
         MAP_VTEPS => Map::LpmTrie(data),
         MAP_STATS | MAP_POD_STATS | MAP_XDP_STATS => Map::PerCpuArray(data),
         MAP_PEER_STATS => Map::PerCpuHashMap(data),
+        MAP_KERNEL_FLOWS => Map::LruHashMap(data),
         _ => Map::HashMap(data),
     })
+}
+
+/// The flows a pinned `FLANNEL_KERNEL_FLOWS` holds.
+pub fn read_kernel_flows(map: Map) -> Result<Vec<(FlowKey, KernelFlow)>, DataplaneError> {
+    let flows = BpfHashMap::<MapData, FlowKey, KernelFlow>::try_from(map).map_err(map_error(
+        "open",
+        MAP_KERNEL_FLOWS,
+        "as an LRU hash",
+    ))?;
+    flows
+        .iter()
+        .map(|entry| entry.map_err(map_error("read", MAP_KERNEL_FLOWS, "entries")))
+        .collect()
 }
 
 /// Reads the entries of a pinned `FLANNEL_VTEPS`.

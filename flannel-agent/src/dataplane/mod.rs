@@ -38,11 +38,11 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use flannel_common::{
-    DatapathConfig as ProgramConfig, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, CFG_F_DECAP_GSO,
-    CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH, CFG_F_XDP_DECAP, GLOBAL_CONFIG, LOCAL_PODS_MAX_ENTRIES, MAP_LOCAL_PODS,
-    MAP_NAMES, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
-    PEER_STATS_MAX_ENTRIES, PIN_SUBDIR, PROGRAM_NAMES, PROG_DECAP, PROG_ENCAP, PROG_POD_EGRESS, PROG_XDP_DECAP,
-    VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
+    DatapathConfig as ProgramConfig, FlowKey, KernelFlow, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat,
+    CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP, CFG_F_POD_FAST_PATH, CFG_F_XDP_DECAP, GLOBAL_CONFIG, KERNEL_FLOWS_MAX_ENTRIES,
+    LOCAL_PODS_MAX_ENTRIES, MAP_KERNEL_FLOWS, MAP_LOCAL_PODS, MAP_NAMES, MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS,
+    MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS, PEER_STATS_MAX_ENTRIES, PIN_SUBDIR, PROGRAM_NAMES, PROG_DECAP,
+    PROG_ENCAP, PROG_POD_EGRESS, PROG_XDP_DECAP, VTEPS_MAX_ENTRIES, VTEP_ADDRS_MAX_ENTRIES,
 };
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
@@ -693,6 +693,13 @@ pub fn pinned_local_pods(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, LocalPod>,
     Ok(table.entries().clone())
 }
 
+/// The flows the pinned `FLANNEL_KERNEL_FLOWS` under `pin_dir` keeps on the host's path
+/// (tests, debugging).
+pub fn pinned_kernel_flows(pin_dir: &Path) -> Result<Vec<(FlowKey, KernelFlow)>, DataplaneError> {
+    let path = pin_dir.join(PIN_SUBDIR).join(MAP_KERNEL_FLOWS);
+    maps::read_kernel_flows(maps::open_pinned(&path, MAP_KERNEL_FLOWS)?)
+}
+
 /// The pod fast path's counters from the pinned `FLANNEL_POD_STATS` under `pin_dir`.
 pub fn pinned_pod_counters(pin_dir: &Path) -> Result<PodCounters, DataplaneError> {
     let path = pin_dir.join(PIN_SUBDIR).join(MAP_POD_STATS);
@@ -761,7 +768,7 @@ where
 }
 
 /// The expected type, key size, value size and capacity of each pinned map.
-const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 7] = [
+const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 8] = [
     (MAP_XDP_STATS, MapType::PerCpuArray, 4, 8, XdpStat::COUNT),
     (MAP_VTEPS, MapType::LpmTrie, 8, 12, VTEPS_MAX_ENTRIES),
     (MAP_VTEP_ADDRS, MapType::Hash, 4, 4, VTEP_ADDRS_MAX_ENTRIES),
@@ -769,6 +776,7 @@ const PINNED_LAYOUT: [(&str, MapType, u32, u32, u32); 7] = [
     (MAP_PEER_STATS, MapType::PerCpuHash, 4, 32, PEER_STATS_MAX_ENTRIES),
     (MAP_LOCAL_PODS, MapType::Hash, 4, 16, LOCAL_PODS_MAX_ENTRIES),
     (MAP_POD_STATS, MapType::PerCpuArray, 4, 8, PodStat::COUNT),
+    (MAP_KERNEL_FLOWS, MapType::LruHash, 16, 8, KERNEL_FLOWS_MAX_ENTRIES),
 ];
 
 // The sizes above are those of the types the maps hold.
@@ -777,6 +785,8 @@ const _: () = {
     assert!(size_of::<RemoteVtep>() == 12);
     assert!(size_of::<PeerStats>() == 32);
     assert!(size_of::<LocalPod>() == 16);
+    assert!(size_of::<flannel_common::FlowKey>() == 16);
+    assert!(size_of::<flannel_common::KernelFlow>() == 8);
 };
 
 /// Fails if a map pinned in `dir` does not have the layout this build expects: aya would

@@ -77,8 +77,10 @@ pub async fn start_bed(variant: &Variant, release_agent: Option<&Path>) -> anyho
         }
     }
     let mut tb = Testbed::start(options).await?;
+    // As the manifest runs flanneld, for every variant: with --ip-masq the CNI plugin does not
+    // masquerade pod-to-pod traffic (and PodFastPath needs it).
     for n in 1..=2 {
-        tb.start_agent(n, &[]).await?;
+        tb.start_agent(n, &["--ip-masq"]).await?;
     }
     for n in 1..=2 {
         if let Err(e) = tb.wait_ready(n, READY_TIMEOUT).await {

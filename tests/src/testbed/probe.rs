@@ -57,15 +57,41 @@ pub async fn ping_attempts(netns: &str, to: IpAddr, attempts: u32) -> bool {
 /// Opens a TCP connection from `src_netns` to a listener bound to `dst_ip` inside `dst_netns`,
 /// sends 16 KiB and checks that the same bytes come back.
 pub async fn tcp_check(src_netns: &str, dst_netns: &str, dst_ip: IpAddr) -> anyhow::Result<()> {
+    echo_check(src_netns, dst_netns, SocketAddr::new(dst_ip, 0), move |port| {
+        SocketAddr::new(dst_ip, port)
+    })
+    .await
+}
+
+/// [`tcp_check`] through a destination NAT, as a connection to a Kubernetes service: the
+/// echo listens on `listen` inside `dst_netns`, and the client in `src_netns` connects to
+/// `connect`, an address some DNAT rule on the path maps to `listen`.
+pub async fn tcp_check_nat(
+    src_netns: &str,
+    dst_netns: &str,
+    listen: SocketAddr,
+    connect: SocketAddr,
+) -> anyhow::Result<()> {
+    echo_check(src_netns, dst_netns, listen, move |_| connect).await
+}
+
+/// The TCP echo exchange of [`tcp_check`]: the listener is bound to `bind` in `dst_netns`, and
+/// the client connects to `target(port the listener got)`.
+async fn echo_check(
+    src_netns: &str,
+    dst_netns: &str,
+    bind: SocketAddr,
+    target: impl FnOnce(u16) -> SocketAddr + Send + 'static,
+) -> anyhow::Result<()> {
     let (port_tx, port_rx) = tokio::sync::oneshot::channel();
     let server = netns::in_netns(dst_netns, 4 * TCP_STEP_TIMEOUT, move || {
-        let listener = TcpListener::bind((dst_ip, 0)).with_context(|| format!("binding a listener to {dst_ip}"))?;
+        let listener = TcpListener::bind(bind).with_context(|| format!("binding a listener to {bind}"))?;
         let _ = port_tx.send(listener.local_addr()?.port());
         echo_one(&listener)
     });
     let client = async {
         let port = port_rx.await.context("the listener was not set up")?;
-        let target = SocketAddr::new(dst_ip, port);
+        let target = target(port);
         netns::in_netns(src_netns, 4 * TCP_STEP_TIMEOUT, move || exchange(target)).await
     };
     match tokio::join!(client, server) {

@@ -10,6 +10,7 @@
 //! (`cargo build -p flannel-agent --bins`). `--nocapture` shows matrices and outputs.
 
 mod fastpath;
+mod flows;
 mod helpers;
 mod xdp;
 
@@ -300,7 +301,8 @@ async fn restart_loses_no_packet(conf: &str) -> anyhow::Result<()> {
     let fast = conf == EBPF_FAST;
     let started = Instant::now();
     let mut tb = Testbed::start(TestbedOptions::new(2).net_conf(conf)).await?;
-    tb.start_agents(&[1, 2], &[], READY).await?;
+    // --ip-masq: without it the CNI plugin masquerades pod traffic and the fast path stays off.
+    tb.start_agents(&[1, 2], &["--ip-masq"], READY).await?;
     let a = tb.add_pod(1, "sender").await?;
     let b = tb.add_pod(2, "receiver").await?;
     ensure!(probe::ping(&a.netns, b.ip()).await, "no path before the flow");

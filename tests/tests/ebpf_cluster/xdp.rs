@@ -32,9 +32,9 @@ async fn xdp_decap_delivers_to_flannel_1_and_into_pods() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut tb = Testbed::start(TestbedOptions::new(2).net_conf(XDP)).await?;
-    tb.start_agents(&[1], &[], READY).await?;
+    tb.start_agents(&[1], &["--ip-masq"], READY).await?;
     put_config(&tb, XDP_FAST).await?;
-    tb.start_agents(&[2], &[], READY).await?;
+    tb.start_agents(&[2], &["--ip-masq"], READY).await?;
     let pods = vec![tb.add_pod(1, "x1").await?, tb.add_pod(2, "x2").await?];
     let matrix = tb.connectivity_matrix(&pods).await;
     println!("XDP decap, first round:\n{matrix}");

@@ -36,6 +36,10 @@ pub struct EbpfSettings {
     /// Test hook (`FLANNEL_EBPF_PRETEND_MISSING`, read once by `main`): the probe reports
     /// this feature as missing, to exercise the fallback on a kernel that has everything.
     pub pretend_missing: Option<ProbeFeature>,
+    /// flanneld runs without `--ip-masq`, so `subnet.env` has the CNI plugin masquerade pod
+    /// traffic that leaves the node, pod-to-pod included: the pod fast path, which skips
+    /// that NAT, then stays off.
+    pub pods_masqueraded: bool,
 }
 
 /// Parses a value of `FLANNEL_EBPF_PRETEND_MISSING`: `bpf`, `helpers`, `adjust-room-encap`
@@ -495,7 +499,7 @@ mod tests {
     fn precheck_explains_every_kernel_choice() {
         let settings = EbpfSettings {
             pin_dir: Some("/sys/fs/bpf/flannel".into()),
-            pretend_missing: None,
+            ..EbpfSettings::default()
         };
         let opts = |datapath, gbp| VxlanOptions {
             datapath,

@@ -87,8 +87,18 @@ impl VxlanBackend {
 
     /// [`Self::new`] with the command line's eBPF settings, as flanneld builds it.
     pub fn with_settings(config: &NetworkConfig, settings: EbpfSettings) -> Result<Self, BackendError> {
+        let mut opts = VxlanOptions::parse(&config.backend)?;
+        if opts.pod_fast_path && settings.pods_masqueraded {
+            // Pod-to-pod traffic is NAT'ed by the CNI plugin on the host's path; the fast path
+            // would send it unmasqueraded, and a flow that moved from one to the other would
+            // change its source address mid-connection.
+            warn!(
+                "PodFastPath is off: flanneld runs without --ip-masq, so the CNI plugin masquerades pod traffic, which the fast path would bypass; run flanneld with --ip-masq to use it"
+            );
+            opts.pod_fast_path = false;
+        }
         Ok(VxlanBackend {
-            opts: VxlanOptions::parse(&config.backend)?,
+            opts,
             network: config.enable_ipv4.then_some(config.network).flatten().map(IpNet::V4),
             ipv6_network: config
                 .enable_ipv6

@@ -43,6 +43,7 @@ fn contents_reports_what_is_missing() {
             MAP_LOCAL_PODS,
             MAP_POD_STATS,
             MAP_XDP_STATS,
+            MAP_KERNEL_FLOWS,
             PROG_DECAP,
             flannel_common::PROG_PROBE,
             PROG_POD_EGRESS,
