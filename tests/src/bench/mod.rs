@@ -22,13 +22,15 @@ use anyhow::Context;
 
 use self::report::{Availability, VariantResult};
 use self::tools::Servers;
-use self::variant::{Observed, Variant};
+use self::variant::{Expect, Observed, Variant};
 use crate::testbed::{Pod, Testbed, TestbedOptions};
 
 /// The underlay MTU of every benchmark cluster.
 pub const UNDERLAY_MTU: u32 = 1500;
 /// Bound on an agent becoming ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on both pods getting onto the pod fast path (their nodes' next reconcile).
+const FAST_PATH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One variant's cluster, ready for traffic.
 #[derive(Debug)]
@@ -101,7 +103,19 @@ pub async fn start_bed(variant: &Variant, release_agent: Option<&Path>) -> anyho
     tb.tcp_check(&client, &server)
         .await
         .with_context(|| format!("variant {}: pod to pod TCP", variant.key))?;
-    let seen = Observed::of_nodes(&mut tb).await?;
+    let mut seen = Observed::of_nodes(&mut tb).await?;
+    if variant.expects == Expect::EbpfFastPath {
+        // Each node puts its pod on the fast path at its next reconcile, and a connection that
+        // began on the host's path stays there: measure once new connections take it.
+        let deadline = tokio::time::Instant::now() + FAST_PATH_TIMEOUT;
+        while !seen.fast_path_ran() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tb.tcp_check(&client, &server)
+                .await
+                .with_context(|| format!("variant {}: pod to pod TCP", variant.key))?;
+            seen = Observed::of_nodes(&mut tb).await?;
+        }
+    }
     let label = match variant.judge(&seen) {
         Ok(label) => label + profile,
         Err(reason) => return Ok((None, Availability::NotAvailable(reason))),
