@@ -3,6 +3,7 @@
 //! kernel's vxlan device produces, and end-to-end traffic between two namespaced nodes.
 //! Privileged tests skip loudly when not root, and fail when CI is set.
 
+mod flows;
 mod lifecycle;
 mod net;
 mod packet;
