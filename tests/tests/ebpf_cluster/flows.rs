@@ -26,7 +26,8 @@ const BACKEND_PORT: u16 = 8080;
 
 /// Runs `iptables` in node `n`'s namespace.
 async fn iptables(tb: &Testbed, n: usize, args: &[&str]) -> anyhow::Result<()> {
-    tb.exec(&tb.node(n).netns, "iptables", args, CONVERGE)
+    let args: Vec<&str> = ["-w"].iter().chain(args).copied().collect();
+    tb.exec(&tb.node(n).netns, "iptables", &args, CONVERGE)
         .await
         .with_context(|| format!("node {n}: iptables {}", args.join(" ")))
         .map(drop)
