@@ -123,6 +123,8 @@ pub struct Installer {
     files: Vec<InstallFile>,
     ok: AtomicBool,
     period: Duration,
+    /// Signalled when `ok` flips, so that readiness follows at once.
+    flipped: tokio::sync::Notify,
 }
 
 impl Installer {
@@ -132,6 +134,7 @@ impl Installer {
             files,
             ok: AtomicBool::new(true),
             period: CHECK_PERIOD,
+            flipped: tokio::sync::Notify::new(),
         }
     }
 
@@ -181,7 +184,15 @@ impl Installer {
             }
             *last = stamp(&file.dest);
         }
-        self.ok.store(ok, Ordering::Relaxed);
+        if self.ok.swap(ok, Ordering::Relaxed) != ok {
+            // One stored permit is enough: the waiter re-reads `ok`.
+            self.flipped.notify_one();
+        }
+    }
+
+    /// Resolves when the ok flag has flipped since the last call.
+    pub async fn flipped(&self) {
+        self.flipped.notified().await
     }
 
     /// Installs the files once, now (before the agent reports ready).

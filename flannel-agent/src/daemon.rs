@@ -377,6 +377,9 @@ async fn reconcile_loop(
                     None => links = None,
                 }
             }
+            // The CNI files went missing or are back: readiness follows at the reconcile this
+            // wakes (cheap when nothing else changed), not at the next periodic one.
+            _ = ready.installer.flipped() => {}
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_full {
                     next_full = tokio::time::Instant::now() + cfg.reconcile_period;
