@@ -136,6 +136,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         pin_dir: Some(flags.bpf_pin_dir.clone()),
         pretend_missing: pretend_missing()?,
         pods_masqueraded: !flags.ip_masq,
+        pretend_no_nexthops: pretend_no_nexthops(),
     };
     let factory = move |config: &NetworkConfig| make_backend(config, &ebpf);
     daemon::run(cfg, sm, &factory, health, shutdown).await?;
@@ -187,6 +188,16 @@ fn pretend_missing() -> anyhow::Result<Option<flannel_agent::dataplane::ProbeFea
         }
         _ => Ok(None),
     }
+}
+
+/// Test hook: `FLANNEL_PRETEND_NO_NEXTHOPS=1` makes the vxlan backend's nexthop probe fail,
+/// to exercise the plain-route fallback of kernels before 5.3. Read here, once.
+fn pretend_no_nexthops() -> bool {
+    let set = std::env::var("FLANNEL_PRETEND_NO_NEXTHOPS").is_ok_and(|v| !v.is_empty() && v != "0");
+    if set {
+        warn!("test hook: the nexthop probe will fail; vxlan routes will be plain");
+    }
+    set
 }
 
 /// Builds the backend named by `Backend.Type`.

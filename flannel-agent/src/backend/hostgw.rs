@@ -159,6 +159,7 @@ impl Backend for HostGwBackend {
                         oif,
                         onlink: false,
                         protocol: RTPROT_FLANNEL,
+                        nhid: None,
                     },
                 );
                 owner.insert(dst, name.clone());

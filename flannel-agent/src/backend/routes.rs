@@ -58,13 +58,15 @@ fn same_slot(e: &RouteEntry, dst: &IpNet) -> bool {
     e.dst == *dst && e.tos == 0 && e.metric == default_metric(dst)
 }
 
-/// Whether `e` is exactly `s`, protocol aside.
+/// Whether `e` is exactly `s`, protocol aside. A route through a nexthop object is
+/// compared by the object's id (the object itself is reconciled on its own); a plain
+/// route never equals one through an object, whatever the object's gateway.
 fn same_route(e: &RouteEntry, s: &RouteSpec) -> bool {
-    same_slot(e, &s.dst)
-        && e.kind == RTN_UNICAST
-        && e.gateway == Some(s.gateway)
-        && e.oif == Some(s.oif)
-        && e.onlink == s.onlink
+    let hop = match s.nhid {
+        Some(id) => e.nhid == Some(id),
+        None => e.nhid.is_none() && e.gateway == Some(s.gateway) && e.oif == Some(s.oif) && e.onlink == s.onlink,
+    };
+    same_slot(e, &s.dst) && e.kind == RTN_UNICAST && hop
 }
 
 /// Why a desired route is (re)installed.
@@ -236,6 +238,7 @@ mod tests {
             oif,
             onlink,
             protocol: RTPROT_FLANNEL,
+            nhid: None,
         }
     }
 
@@ -250,6 +253,7 @@ mod tests {
             tos: 0,
             scope: 0,
             kind: RTN_UNICAST,
+            nhid: s.nhid,
         }
     }
 
@@ -336,6 +340,31 @@ mod tests {
         let p = plan_routes(&desired(&[want]), &[entry(&want), dup, foreign], ours, false);
         assert!(p.replace.is_empty());
         assert_eq!(p.delete, vec![dup]);
+    }
+
+    #[test]
+    fn plain_and_nexthop_routes_replace_each_other() {
+        let plain = spec("10.244.2.0/24", "10.244.2.0", 7, true);
+        let via_object = RouteSpec {
+            nhid: Some(42),
+            ..plain
+        };
+        // The kernel reports an object's gateway and device on the route too.
+        let p = plan_routes(&desired(&[via_object]), &[entry(&plain)], ours, true);
+        assert_eq!(p.replace, vec![(via_object, RouteChange::Update(entry(&plain)))]);
+        let p = plan_routes(&desired(&[plain]), &[entry(&via_object)], ours, true);
+        assert_eq!(p.replace, vec![(plain, RouteChange::Update(entry(&via_object)))]);
+        let other_object = RouteEntry {
+            nhid: Some(43),
+            ..entry(&via_object)
+        };
+        assert_eq!(
+            plan_routes(&desired(&[via_object]), &[other_object], ours, true)
+                .replace
+                .len(),
+            1
+        );
+        assert!(plan_routes(&desired(&[via_object]), &[entry(&via_object)], ours, true).is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!
 //! * `dump`: link, address and route reads.
 //! * [`iface`]: upstream's external interface selection (`--iface` and friends).
+//! * `nexthop`: nexthop objects, hand-encoded (rtnetlink has no such messages).
 //! * `link`, `addr`, `neigh`, `route`: the objects the kernel-datapath backends
 //!   (vxlan, host-gw) create and reconcile: VXLAN devices, their addresses,
 //!   neighbour and FDB entries, and routes.
@@ -24,6 +25,7 @@ pub(crate) mod lab;
 mod link;
 mod mac;
 mod neigh;
+mod nexthop;
 mod pipeline;
 mod route;
 #[cfg(test)]
@@ -35,6 +37,7 @@ pub use iface::{ExternalInterface, HostView, IfaceError, IfaceSelection};
 pub use link::{disable_accept_ra, LinkDetails, VxlanParams};
 pub use mac::{MacAddr, MacParseError};
 pub use neigh::{FdbEntry, Neighbour};
+pub use nexthop::{NexthopEntry, NexthopSpec};
 pub use pipeline::{pipelined, REQUEST_TIMEOUT, WINDOW};
 pub use route::{NextHop, RouteEntry, RouteSpec, RTN_UNICAST, RTPROT_KERNEL};
 
@@ -43,6 +46,8 @@ pub use route::{NextHop, RouteEntry, RouteSpec, RTN_UNICAST, RTPROT_KERNEL};
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// A second socket for the messages rtnetlink cannot carry (see `nexthop`).
+    nexthop: nexthop::NexthopHandle,
 }
 
 impl Netlink {
@@ -54,7 +59,8 @@ impl Netlink {
         let (mut connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         grow_receive_buffer(connection.socket_mut().as_raw_fd());
         tokio::spawn(connection);
-        Ok(Self { handle })
+        let nexthop = nexthop::connect().map_err(NetlinkError::Socket)?;
+        Ok(Self { handle, nexthop })
     }
 }
 

@@ -39,6 +39,10 @@ pub struct RouteEntry {
     pub scope: u8,
     /// `rtm_type` (`RTN_*`).
     pub kind: u8,
+    /// `RTA_NH_ID`: the route uses this nexthop object. The kernel still reports the
+    /// object's gateway, device and `onlink` above unless `net.ipv4.nexthop_compat_mode`
+    /// is 0.
+    pub nhid: Option<u32>,
 }
 
 /// A unicast route to install in the main table.
@@ -54,6 +58,9 @@ pub struct RouteSpec {
     pub onlink: bool,
     /// `rtm_protocol` to mark the route with.
     pub protocol: u8,
+    /// Install as `<dst> nhid <id>` through this nexthop object instead; `gateway`, `oif`
+    /// and `onlink` then describe the object (for logs and comparisons).
+    pub nhid: Option<u32>,
 }
 
 /// The kernel's choice of next hop for one address (`ip route get`).
@@ -84,16 +91,28 @@ impl Netlink {
         Ok(out)
     }
 
-    /// `ip route replace <dst> via <gateway> dev <oif> [onlink] proto <protocol>`.
+    /// `ip route replace <dst> via <gateway> dev <oif> [onlink] proto <protocol>`, or
+    /// with `nhid`, `ip route replace <dst> nhid <id> proto <protocol>`.
     pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
-        let op = || format!("replace route {} via {} dev {}", r.dst, r.gateway, r.oif);
-        let mut msg = match (r.dst, r.gateway) {
-            (IpNet::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<Ipv4Addr>::new()
+        let op = || match r.nhid {
+            Some(id) => format!("replace route {} nhid {id}", r.dst),
+            None => format!("replace route {} via {} dev {}", r.dst, r.gateway, r.oif),
+        };
+        let mut msg = match (r.dst, r.gateway, r.nhid) {
+            (IpNet::V4(d), IpAddr::V4(_), Some(id)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .nhid(id)
+                .build(),
+            (IpNet::V6(d), IpAddr::V6(_), Some(id)) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .nhid(id)
+                .build(),
+            (IpNet::V4(d), IpAddr::V4(g), None) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
                 .gateway(g)
                 .output_interface(r.oif)
                 .build(),
-            (IpNet::V6(d), IpAddr::V6(g)) => RouteMessageBuilder::<Ipv6Addr>::new()
+            (IpNet::V6(d), IpAddr::V6(g), None) => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
                 .gateway(g)
                 .output_interface(r.oif)
@@ -106,7 +125,7 @@ impl Netlink {
             }
         };
         msg.header.protocol = RouteProtocol::from(r.protocol);
-        if r.onlink {
+        if r.onlink && r.nhid.is_none() {
             msg.header.flags.insert(RouteFlags::Onlink);
         }
         self.handle
@@ -137,8 +156,8 @@ impl Netlink {
             .map_err(|e| NetlinkError::request(format!("replace route {dst} dev {oif}"), e))
     }
 
-    /// Deletes exactly `r` (matching its gateway, device, metric, protocol, scope and
-    /// type); a route already gone is not an error.
+    /// Deletes exactly `r` (matching its gateway and device, or its nexthop object, and
+    /// its metric, protocol, scope and type); a route already gone is not an error.
     pub async fn delete_route(&self, r: &RouteEntry) -> Result<(), NetlinkError> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = if r.dst.addr().is_ipv6() {
@@ -153,11 +172,17 @@ impl Netlink {
         msg.header.scope = RouteScope::from(r.scope);
         msg.header.kind = RouteType::from(r.kind);
         msg.attributes.push(RouteAttribute::Destination(r.dst.network().into()));
-        if let Some(g) = r.gateway {
-            msg.attributes.push(RouteAttribute::Gateway(g.into()));
-        }
-        if let Some(oif) = r.oif {
-            msg.attributes.push(RouteAttribute::Oif(oif));
+        if let Some(id) = r.nhid {
+            // A route through a nexthop object matches a delete only by its id: with a
+            // gateway or device in the request the kernel finds nothing (ESRCH).
+            msg.attributes.push(RouteAttribute::NhId(id));
+        } else {
+            if let Some(g) = r.gateway {
+                msg.attributes.push(RouteAttribute::Gateway(g.into()));
+            }
+            if let Some(oif) = r.oif {
+                msg.attributes.push(RouteAttribute::Oif(oif));
+            }
         }
         if r.metric > 0 {
             msg.attributes.push(RouteAttribute::Priority(r.metric));
@@ -230,6 +255,7 @@ fn route_entry(msg: &RouteMessage) -> Option<RouteEntry> {
         tos: h.tos,
         scope: h.scope.into(),
         kind: h.kind.into(),
+        nhid: None,
     };
     for a in &msg.attributes {
         match a {
@@ -237,6 +263,7 @@ fn route_entry(msg: &RouteMessage) -> Option<RouteEntry> {
             RouteAttribute::Gateway(g) => r.gateway = address(g),
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.metric = *p,
+            RouteAttribute::NhId(id) => r.nhid = Some(*id),
             _ => {}
         }
     }

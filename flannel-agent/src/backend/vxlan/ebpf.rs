@@ -40,6 +40,9 @@ pub struct EbpfSettings {
     /// traffic that leaves the node, pod-to-pod included: the pod fast path, which skips
     /// that NAT, then stays off.
     pub pods_masqueraded: bool,
+    /// Test hook (`FLANNEL_PRETEND_NO_NEXTHOPS`, read once by `main`): the nexthop probe
+    /// fails, so IPv4 peer routes are plain gateway routes as on a kernel before 5.3.
+    pub pretend_no_nexthops: bool,
 }
 
 /// Parses a value of `FLANNEL_EBPF_PRETEND_MISSING`: `bpf`, `helpers`, `adjust-room-encap`

@@ -21,7 +21,10 @@ mod netns_bulk_tests;
 #[cfg(test)]
 mod netns_gc_tests;
 #[cfg(test)]
+mod netns_nexthop_tests;
+#[cfg(test)]
 mod netns_tests;
+mod nexthops;
 mod plan;
 mod pods;
 mod sync;
@@ -36,6 +39,7 @@ use tracing::{debug, info, warn};
 pub use config::{backend_data, peer_vtep_mac, DatapathMode, VxlanOptions, OVERHEAD};
 use device::Vtep;
 pub use ebpf::{parse_probe_feature, Choice, EbpfSettings, PeerView};
+use nexthops::NexthopState;
 use plan::FamilyCtx;
 use sync::{on_link_peers, sync_family, Tally};
 
@@ -76,6 +80,8 @@ pub struct VxlanBackend {
     /// The VTEP MACs this node published before (kube annotations), reused when
     /// the devices have to be created, so peers' entries stay valid.
     stored_macs: (Option<MacAddr>, Option<MacAddr>),
+    /// Whether IPv4 peer routes go through nexthop objects (probed in `prepare`).
+    nexthops: NexthopState,
 }
 
 impl VxlanBackend {
@@ -116,6 +122,7 @@ impl VxlanBackend {
             ebpf: None,
             last_peers: Vec::new(),
             stored_macs: (None, None),
+            nexthops: NexthopState::default(),
         })
     }
 
@@ -187,6 +194,7 @@ impl Backend for VxlanBackend {
             .await?;
             info.backend_data = Some(backend_data(self.opts.vni, v.mac));
             self.v4 = Some(v);
+            self.nexthops = NexthopState::probe(&nl, self.settings.pretend_no_nexthops).await;
         }
         if config.enable_ipv6 {
             let local = ext.ext_v6_addr.ok_or_else(|| {
@@ -285,7 +293,7 @@ impl Backend for VxlanBackend {
                 .failed_peers
                 .extend(desired.skipped.iter().map(|(n, _)| n.clone()));
             if v6 {
-                sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
+                sync_family(&nl, &vtep, v6, network, &desired, peers.complete, None, &mut tally).await?;
                 continue;
             }
             // IPv4: the kernel's entries and the eBPF map, in the order that never leaves the
@@ -297,7 +305,8 @@ impl Backend for VxlanBackend {
                 tally.changes += e.remove_gone(&views, peers.complete)?;
             }
             tally.time("map", t);
-            sync_family(&nl, &vtep, v6, network, &desired, peers.complete, &mut tally).await?;
+            let nh = Some(&mut self.nexthops);
+            sync_family(&nl, &vtep, v6, network, &desired, peers.complete, nh, &mut tally).await?;
             let t = std::time::Instant::now();
             if let Some(e) = self.ebpf.as_mut() {
                 tally.changes += e.apply(&views, &tally.failed_peers, peers.complete)?;
@@ -332,6 +341,9 @@ impl Backend for VxlanBackend {
             "vni": self.opts.vni,
             "peers": self.last_peers,
         });
+        if let (Some(obj), true) = (status.as_object_mut(), self.v4.is_some()) {
+            obj.insert("nexthops".into(), self.nexthops.status());
+        }
         if let (Some(e), Some(obj)) = (&self.ebpf, status.as_object_mut()) {
             obj.insert("ebpf".into(), e.status());
         }

@@ -72,7 +72,8 @@ fn expected(range: std::ops::Range<usize>) -> (BTreeSet<String>, BTreeSet<String
         let (_, lease, subnet, mac) = peer(i);
         neigh.insert(format!("{subnet} lladdr {mac} PERMANENT"));
         fdb.insert(format!("{mac} dst {} self permanent", lease.attrs.public_ip));
-        routes.insert(format!("{subnet}/26 via {subnet} onlink"));
+        let id = super::nexthops::nexthop_id(subnet).unwrap();
+        routes.insert(format!("{subnet}/26 nhid {id} via {subnet} onlink"));
     }
     (neigh, fdb, routes)
 }
@@ -94,7 +95,8 @@ fn hundreds_of_peers_are_programmed_entry_by_entry_and_a_rerun_writes_nothing() 
         let (want_neigh, want_fdb, want_routes) = expected(0..PEERS);
         assert_eq!(neigh, want_neigh, "neighbours");
         assert_eq!(fdb, want_fdb, "FDB entries");
-        // `ip route show proto 102` prints "... dev flannel.1 proto 102 onlink"; compare
+        // `ip route show proto 102` prints "<subnet> nhid <id> via <gateway> dev flannel.1
+        // proto 102 onlink" (the object's gateway and device: `nexthop_compat_mode`); compare
         // without the device and protocol, which the filter already fixes.
         let routes: BTreeSet<String> = routes
             .iter()
@@ -116,5 +118,7 @@ fn hundreds_of_peers_are_programmed_entry_by_entry_and_a_rerun_writes_nothing() 
         let (want_neigh, want_fdb, _) = expected(0..100);
         assert_eq!((neigh, fdb), (want_neigh, want_fdb));
         assert_eq!(routes.len(), 100, "{routes:?}");
+        let objects = a.sh(&["ip", "nexthop", "show", "proto", "102"]);
+        assert_eq!(objects.lines().count(), 100, "{objects}");
     });
 }

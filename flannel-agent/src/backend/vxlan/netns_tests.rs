@@ -50,6 +50,7 @@ pub(super) fn snapshot(p: &NsPath) -> String {
         &["bridge", "fdb", "show"],
         &["ip", "route", "show", "table", "main"],
         &["ip", "-6", "route", "show", "table", "main"],
+        &["ip", "nexthop", "show"],
     ] {
         s += &p.sh(args);
     }
@@ -113,7 +114,13 @@ fn vxlan_v4_traffic_flows_both_ways_and_restart_changes_nothing() {
         assert!(has(&fdb, &format!("{mac_b} dst 192.168.50.2 self permanent")), "{fdb}");
         let routes = a.sh(&["ip", "route"]);
         assert!(
-            has(&routes, "10.244.2.0/24 via 10.244.2.0 dev flannel.1 proto 102 onlink"),
+            has(
+                &routes,
+                &format!(
+                    "10.244.2.0/24 nhid {} via 10.244.2.0 dev flannel.1 proto 102 onlink",
+                    super::nexthops::nexthop_id("10.244.2.0".parse().unwrap()).unwrap()
+                )
+            ),
             "{routes}"
         );
 

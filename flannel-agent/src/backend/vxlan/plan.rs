@@ -73,6 +73,7 @@ pub fn desired<'a>(ctx: &FamilyCtx<'_>, leases: impl IntoIterator<Item = (&'a St
                 oif,
                 onlink: false,
                 protocol: RTPROT_FLANNEL,
+                nhid: None,
             };
             d.routes.insert(subnet, route);
             d.peers.push(PeerEntries {
@@ -107,6 +108,7 @@ pub fn desired<'a>(ctx: &FamilyCtx<'_>, leases: impl IntoIterator<Item = (&'a St
             oif: ctx.dev_index,
             onlink: true,
             protocol: RTPROT_FLANNEL,
+            nhid: None,
         };
         d.neigh.insert(gw, mac);
         d.fdb.insert(mac, public_ip);

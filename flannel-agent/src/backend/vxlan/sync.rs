@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 use super::device::Vtep;
+use super::nexthops::{self, NexthopState};
 use super::plan::{self, L2Plan};
 use crate::backend::routes::{self, RTPROT_FLANNEL};
 use crate::backend::BackendError;
@@ -64,7 +65,7 @@ impl Tally {
     /// Records one failed write and the peers it leaves unprogrammed. Each failure is
     /// logged with its object and peers, up to [`routes::LOG_EACH`] per reconcile; the
     /// rest are counted in the reconcile's error.
-    fn fail(&mut self, what: String, e: NetlinkError, peers: impl IntoIterator<Item = String>) {
+    pub(super) fn fail(&mut self, what: String, e: NetlinkError, peers: impl IntoIterator<Item = String>) {
         let peers: Vec<String> = peers.into_iter().collect();
         if self.failed.len() < routes::LOG_EACH {
             warn!(entry = %what, peers = ?peers, error = %e, "vxlan entry not programmed; the next reconcile retries it");
@@ -113,7 +114,10 @@ impl Tally {
 }
 
 /// Step (b) for one family: dump, compare, and apply in the order that never
-/// lets the kernel ARP for a peer: neighbours, FDB, routes; deletions in reverse.
+/// lets the kernel ARP for a peer: neighbours, FDB, nexthop objects, routes; deletions in
+/// reverse (a nexthop object goes last: deleting it deletes the routes still using it).
+/// `nh` is the IPv4 family's nexthop state (`None` for IPv6, which stays on plain routes).
+#[expect(clippy::too_many_arguments, reason = "one family's reconcile inputs, all distinct")]
 pub(super) async fn sync_family(
     nl: &Netlink,
     vtep: &Vtep,
@@ -121,6 +125,7 @@ pub(super) async fn sync_family(
     network: Option<IpNet>,
     d: &plan::Desired,
     complete: bool,
+    mut nh: Option<&mut NexthopState>,
     tally: &mut Tally,
 ) -> Result<(), BackendError> {
     let dump_err = |what: &'static str| {
@@ -137,6 +142,10 @@ pub(super) async fn sync_family(
         .map_err(dump_err("list neighbours"))?;
     let fdb = nl.fdb_entries(vtep.index).await.map_err(dump_err("list FDB entries"))?;
     let table = nl.main_routes(v6).await.map_err(dump_err("list routes"))?;
+    let objects = match nh.as_deref() {
+        Some(s) if s.supported => nl.nexthops().await.map_err(dump_err("list nexthop objects"))?,
+        _ => Vec::new(),
+    };
     tally.time("dump", t);
     let t = Instant::now();
     let l2 = plan::plan_l2(&d.neigh, &d.fdb, &neigh, &fdb, complete);
@@ -144,9 +153,15 @@ pub(super) async fn sync_family(
         (e.oif == Some(vtep.index) && e.protocol != RTPROT_KERNEL)
             || (e.protocol == RTPROT_FLANNEL && network.is_some_and(|n| n.contains(&e.dst)))
     };
-    let rp = routes::plan_routes(&d.routes, &table, owns, complete);
+    let mut want = d.routes.clone();
+    let enabled = nh.as_deref().is_some_and(|s| s.enabled);
+    let np = nexthops::plan_nexthops(&mut want, &objects, vtep.index, network, enabled, complete);
+    if let Some(s) = nh.as_deref_mut() {
+        nexthops::warn_foreign(s, &np);
+    }
+    let rp = routes::plan_routes(&want, &table, owns, complete);
     tally.changes += l2.neigh_replace.len() + l2.fdb_replace.len() + l2.fdb_delete.len() + l2.neigh_delete.len();
-    tally.changes += rp.replace.len() + rp.delete.len();
+    tally.changes += np.write.len() + np.delete.len() + rp.replace.len() + rp.delete.len();
     let dev = |i: u32| {
         if i == vtep.index {
             vtep.name.clone()
@@ -172,7 +187,12 @@ pub(super) async fn sync_family(
             .collect();
         rp.replace.retain(|(spec, _)| !held.contains(&spec.dst));
     }
+    if let Some(s) = nh {
+        nexthops::apply_writes(nl, &np, &mut rp, s).await;
+    }
     let failed = routes::apply_replaces(nl, &rp, dev).await;
+    // The routes still at the failed destinations keep their nexthop objects this time.
+    let kept: Vec<&RouteEntry> = table.iter().filter(|e| failed.contains_key(&e.dst)).collect();
     if !failed.is_empty() {
         let by_subnet: HashMap<IpNet, &str> = d.peers.iter().map(|p| (p.subnet, p.name.as_str())).collect();
         for (dst, e) in failed {
@@ -184,6 +204,7 @@ pub(super) async fn sync_family(
     for (dst, e) in routes::apply_deletes(nl, &rp, dev).await {
         tally.fail(format!("delete route {dst}"), e, []);
     }
+    nexthops::apply_deletes(nl, &np, &kept, tally).await;
     apply_l2_deletes(nl, vtep, &l2, tally).await;
     tally.time("deletes", t);
     Ok(())
