@@ -48,6 +48,16 @@ fn check_route(tb: &Testbed, kind: Kind, peer: usize, subnet: IpNet, route: Opti
                 "vxlan route to {subnet} should be via {} dev {dev} onlink: {route:?}",
                 subnet.network()
             );
+            // IPv4 peers go through a nexthop object whose id is the gateway address;
+            // IPv6 peers keep plain routes.
+            let want_nhid = match subnet {
+                IpNet::V4(s) => Some(u32::from(s.network())),
+                IpNet::V6(_) => None,
+            };
+            ensure!(
+                route.nhid == want_nhid,
+                "vxlan route to {subnet} should use nexthop object {want_nhid:?}: {route:?}"
+            );
         }
         Kind::HostGw => {
             let node = tb.node(peer);

@@ -35,7 +35,8 @@ fn expected(n: usize) -> BTreeSet<(IpNet, Ipv4Addr, String)> {
 }
 
 /// Node 1's flannel entries as (neighbours, FDB entries, routes), each reduced to what a
-/// lease decides: (gateway, MAC), (MAC, remote), (subnet, gateway).
+/// lease decides: (gateway, MAC), (MAC, remote), (subnet, gateway). Only routes through the
+/// nexthop object flannel derives from the gateway (its address as the id) count.
 async fn kernel_entries(
     tb: &Testbed,
 ) -> anyhow::Result<(
@@ -62,6 +63,10 @@ async fn kernel_entries(
         .await?
         .into_iter()
         .filter(|r| r.dev.as_deref() == Some("flannel.1") && r.onlink)
+        .filter(|r| match r.gateway {
+            Some(IpAddr::V4(gw)) => r.nhid == Some(u32::from(gw)),
+            _ => false,
+        })
         .filter_map(|r| Some((r.dst, r.gateway?)))
         .collect();
     Ok((neigh, fdb, routes))

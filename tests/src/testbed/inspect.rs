@@ -30,6 +30,9 @@ pub struct Route {
     pub onlink: bool,
     /// `unicast`, `blackhole`, ...
     pub kind: String,
+    /// The nexthop object the route uses (`nhid`); `gateway`, `dev` and `onlink` are then
+    /// the object's, as the kernel reports them with the route.
+    pub nhid: Option<u32>,
 }
 
 impl Route {
@@ -108,6 +111,12 @@ pub fn parse_routes(text: &str, v6: bool) -> anyhow::Result<Vec<Route>> {
                 protocol: str_field(r, "protocol").unwrap_or_else(|| "boot".to_owned()),
                 onlink: has_flag(r, "flags", "onlink"),
                 kind: str_field(r, "type").unwrap_or_else(|| "unicast".to_owned()),
+                nhid: r
+                    .get("nhid")
+                    .and_then(Value::as_u64)
+                    .map(u32::try_from)
+                    .transpose()
+                    .context("nhid out of range")?,
             })
         })
         .collect()
@@ -236,7 +245,7 @@ mod tests {
     fn parses_iproute2_json() {
         let routes = parse_routes(
             r#"[{"dst":"default","gateway":"198.18.0.254","dev":"eth0","flags":[]},
-                {"dst":"10.244.3.0/24","gateway":"10.244.3.0","dev":"flannel.1","protocol":"102","flags":["onlink"]},
+                {"dst":"10.244.3.0/24","nhid":183763712,"gateway":"10.244.3.0","dev":"flannel.1","protocol":"102","flags":["onlink"]},
                 {"dst":"10.9.9.9","type":"blackhole","protocol":"static","flags":[]}]"#,
             false,
         )
@@ -245,6 +254,7 @@ mod tests {
         assert_eq!(routes[0].protocol, "boot");
         assert!(routes[1].is_flannel() && routes[1].onlink);
         assert_eq!(routes[1].gateway, Some("10.244.3.0".parse().unwrap()));
+        assert_eq!((routes[0].nhid, routes[1].nhid), (None, Some(183_763_712)));
         assert_eq!(routes[2].dst, "10.9.9.9/32".parse::<IpNet>().unwrap());
         assert_eq!(routes[2].kind, "blackhole");
 

@@ -1,6 +1,7 @@
 //! The `vxlan` backend with the kernel's VXLAN datapath, programmed through
 //! rtnetlink as upstream does: a device `flannel.<VNI>` (and `flannel-v6.<VNI>`),
-//! and per peer a permanent neighbour entry, an FDB entry and a route.
+//! and per peer a permanent neighbour entry, an FDB entry and a route (for IPv4 peers
+//! through a nexthop object, see `nexthops`).
 //!
 //! Ownership (what reconcile may change or delete):
 //! * everything permanent on `flannel.<VNI>` / `flannel-v6.<VNI>`: neighbour and
@@ -10,6 +11,8 @@
 //! * DirectRouting routes, which leave through the underlay interface: those are
 //!   main-table routes marked [`RTPROT_FLANNEL`](crate::backend::routes::RTPROT_FLANNEL) whose destination lies inside the
 //!   cluster network (host-gw's rule);
+//! * nexthop objects marked `RTPROT_FLANNEL` whose gateway lies inside the cluster
+//!   network (see `nexthops`);
 //! * nothing else. A foreign route is replaced only if it occupies the exact slot a
 //!   peer's route needs (see [`crate::backend::routes`]).
 
