@@ -13,11 +13,13 @@
 //! * [`wire`]: packet checks, TTL, ICMP errors (pure, unit-tested).
 //! * [`peers`]: the routing table, swapped atomically on reconcile.
 //! * [`proxy`]: the two forwarding tasks.
+//! * [`mmsg`]: their batched socket calls, with UDP segmentation and receive coalescing.
 //! * [`tun`]: the device.
 //!
 //! The device is not persistent: it and its route go when flanneld exits (as upstream's).
 //! A deleted `flannel0` or a stopped proxy task is re-created by the next reconcile.
 
+pub mod mmsg;
 pub mod peers;
 pub mod proxy;
 pub mod stats;
@@ -328,6 +330,10 @@ impl Backend for UdpBackend {
             if let Err(e) = set_buffer(&socket, opt, SOCKET_BUFFER) {
                 warn!(error = %e, "udp: cannot enlarge the socket buffers; bursts may be dropped");
             }
+        }
+        // Coalesced receive: optional, the proxy cuts what it gets either way.
+        if let Err(e) = mmsg::enable_gro(std::os::fd::AsRawFd::as_raw_fd(&socket)) {
+            debug!(error = %e, "udp: no UDP_GRO on this kernel; receiving datagram by datagram");
         }
         self.socket = Some(Arc::new(socket));
         self.nl = Some(Netlink::new().map_err(|e| kernel("open", "rtnetlink socket", e))?);

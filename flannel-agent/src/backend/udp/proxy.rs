@@ -3,11 +3,13 @@
 //!
 //! * encap: TUN → look up the destination's peer → TTL − 1 → UDP to `PublicIP:Port`.
 //!   Each wakeup drains up to [`BATCH`] packets from the TUN (one `read` each: the TUN
-//!   has no batched read) and sends them with one `sendmmsg`. A packet for no peer's
-//!   subnet is answered with ICMP net unreachable through the TUN, as upstream's proxy.
-//! * decap: one `recvmmsg` takes up to [`BATCH`] datagrams; each is checked (sender is a
-//!   peer's `PublicIP:Port`, inner source inside that peer's subnets, a valid IPv4
-//!   header), TTL − 1, and written to the TUN.
+//!   has no batched read) and sends them with one `sendmmsg`, each run of same-sized
+//!   packets to one peer as one `UDP_SEGMENT` message ([`super::mmsg`]). A packet for no
+//!   peer's subnet is answered with ICMP net unreachable through the TUN, as upstream's.
+//! * decap: one `recvmmsg` takes up to [`BATCH`] messages (with `UDP_GRO`, a message may
+//!   hold several datagrams of one sender); each datagram is checked (sender is a peer's
+//!   `PublicIP:Port`, inner source inside that peer's subnets, a valid IPv4 header),
+//!   TTL − 1, and written to the TUN.
 //!
 //! Buffers are allocated once per task; the per-packet path allocates nothing, takes no
 //! lock (see [`super::peers::PeerCache`]) and touches no atomic (see [`super::stats`]).
@@ -15,15 +17,18 @@
 //! deleted); the backend's reconcile notices and starts the proxy again.
 
 use std::io;
-use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+
+use ipnet::Ipv4Net;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::task::JoinHandle;
+use tracing::warn;
 
+use super::mmsg::{self, sockaddr, Received, Run};
 use super::peers::{PeerCache, SharedPeers};
 use super::stats::{Counters, Stat, Tally};
 use super::tun::Tun;
@@ -33,7 +38,7 @@ use super::wire::{self, Malformed, ICMP_MAX};
 pub const BATCH: usize = 32;
 /// Room for any datagram or TUN packet (a larger one would be truncated, and is counted
 /// as malformed).
-const SLOT: usize = 65536;
+pub const SLOT: usize = 65536;
 
 /// What the proxy tasks need.
 #[derive(Debug)]
@@ -64,6 +69,7 @@ pub fn spawn(p: ProxyParams) -> io::Result<[JoinHandle<String>; 2]> {
         own_ip: p.own_ip,
         peers: PeerCache::new(p.peers.clone()),
         counters: p.counters.clone(),
+        gso: true,
     };
     let decap = Decap {
         udp: udp_rx,
@@ -85,17 +91,6 @@ fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> 
     Ok(unsafe { AsyncFd::register_with_interest(inner, interest) }?)
 }
 
-fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 struct Encap {
     tun: AsyncFd<Tun>,
     udp: AsyncFd<UdpSocket>,
@@ -103,6 +98,8 @@ struct Encap {
     own_ip: Ipv4Addr,
     peers: PeerCache,
     counters: Arc<Counters>,
+    /// Whether runs of datagrams go as one segmented message (until the kernel refuses).
+    gso: bool,
 }
 
 /// What to do with a packet read from the TUN.
@@ -118,6 +115,7 @@ impl Encap {
         let mut bufs = vec![0u8; BATCH * SLOT];
         let mut lens = [0usize; BATCH];
         let mut dests = [sockaddr(Ipv4Addr::UNSPECIFIED, 0); BATCH];
+        let mut runs = Vec::with_capacity(BATCH);
         let mut icmp = [0u8; ICMP_MAX];
         let mut tally = Tally::default();
         loop {
@@ -160,7 +158,7 @@ impl Encap {
             }
             drop(guard);
             if n > 0 {
-                if let Err(e) = self.send(&bufs, &lens[..n], &dests[..n], &mut tally).await {
+                if let Err(e) = self.send(&bufs, &lens[..n], &dests[..n], &mut runs, &mut tally).await {
                     self.counters.add(&mut tally);
                     return format!("sending to peers: {e}");
                 }
@@ -169,35 +167,64 @@ impl Encap {
         }
     }
 
-    /// Sends the batch, waiting while the socket buffer is full. A datagram the kernel
-    /// refuses (e.g. no route to that peer) is counted and skipped.
+    /// Sends the batch, waiting while the socket buffer is full: runs of same-sized packets
+    /// to one peer as one segmented message each (see [`mmsg`]). A message the kernel
+    /// refuses (e.g. no route to that peer) is counted and skipped; one it refuses because
+    /// it cannot segment it turns segmentation off for good (and is sent again).
     async fn send(
-        &self,
+        &mut self,
         bufs: &[u8],
         lens: &[usize],
         dests: &[libc::sockaddr_in],
+        runs: &mut Vec<Run>,
         tally: &mut Tally,
     ) -> io::Result<()> {
-        let mut off = 0;
-        while off < lens.len() {
+        mmsg::runs(lens, dests, self.gso, runs);
+        let mut r = 0;
+        while r < runs.len() {
             let mut guard = self.udp.writable().await?;
-            match guard.try_io(|s| sendmmsg(s.get_ref().as_raw_fd(), bufs, &lens[off..], &dests[off..], off)) {
+            match guard.try_io(|s| mmsg::send_runs(s.get_ref().as_raw_fd(), bufs, lens, dests, &runs[r..])) {
                 Ok(Ok(k)) => {
-                    tally.count(Stat::EncapPackets, k as u64);
-                    tally.count(Stat::EncapBytes, lens[off..off + k].iter().sum::<usize>() as u64);
-                    off += k;
+                    for run in &runs[r..r + k] {
+                        let sent = &lens[run.first..run.first + run.count];
+                        tally.count(Stat::EncapPackets, sent.len() as u64);
+                        tally.count(Stat::EncapBytes, sent.iter().sum::<usize>() as u64);
+                    }
+                    r += k;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) if runs[r].count > 1 && refuses_segmentation(&e) => {
+                    warn!(
+                        error = %e,
+                        "udp: the kernel cannot segment our datagrams (UDP_SEGMENT) on this path; \
+                         sending them one by one from now on"
+                    );
+                    self.gso = false;
+                    // Without segmentation every run is one packet: run i is packet i.
+                    let first = runs[r].first;
+                    mmsg::runs(lens, dests, false, runs);
+                    r = first;
+                }
                 Ok(Err(_)) => {
-                    // sendmmsg fails only when its first datagram fails.
-                    tally.count(Stat::DropUdpSend, 1);
-                    off += 1;
+                    // sendmmsg fails only when its first message fails.
+                    tally.count(Stat::DropUdpSend, runs[r].count as u64);
+                    r += 1;
                 }
                 Err(_would_block) => {}
             }
         }
         Ok(())
     }
+}
+
+/// Errors of a `UDP_SEGMENT` send that mean "not this way" rather than "not to this peer":
+/// no such option (kernel before 4.18), no checksum offload on the way (EIO), or a segment
+/// too large for the path (EINVAL).
+fn refuses_segmentation(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
 }
 
 /// Checks, routes and TTL-decrements one packet from the TUN; returns where it goes and
@@ -238,35 +265,6 @@ fn classify(
     (Verdict::Send(peer), h.total_len)
 }
 
-/// `sendmmsg` of `lens.len()` datagrams, the i-th from slot `first + i` of `bufs`.
-fn sendmmsg(fd: RawFd, bufs: &[u8], lens: &[usize], dests: &[libc::sockaddr_in], first: usize) -> io::Result<usize> {
-    let n = lens.len().min(BATCH);
-    // SAFETY: iovec and mmsghdr are plain old data; zeroes are valid (null pointers, 0 lengths).
-    let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    for i in 0..n {
-        let start = (first + i) * SLOT;
-        iov[i] = libc::iovec {
-            iov_base: bufs[start..start + lens[i]].as_ptr() as *mut libc::c_void,
-            iov_len: lens[i],
-        };
-        let h = &mut msgs[i].msg_hdr;
-        h.msg_iov = &mut iov[i];
-        h.msg_iovlen = 1;
-        h.msg_name = &dests[i] as *const libc::sockaddr_in as *mut libc::c_void;
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    }
-    // SAFETY: `msgs[..n]` point into `iov`, `bufs` and `dests`, all alive for the call; the
-    // kernel only reads the buffers and names and writes `msg_len`.
-    let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 struct Decap {
     udp: AsyncFd<UdpSocket>,
     tun: Tun,
@@ -275,29 +273,17 @@ struct Decap {
     counters: Arc<Counters>,
 }
 
-/// One received datagram's metadata.
-#[derive(Clone, Copy)]
-struct Received {
-    len: usize,
-    from: libc::sockaddr_in,
-    truncated: bool,
-}
-
 impl Decap {
     async fn run(mut self) -> String {
         let mut bufs = vec![0u8; BATCH * SLOT];
-        let mut meta = [Received {
-            len: 0,
-            from: sockaddr(Ipv4Addr::UNSPECIFIED, 0),
-            truncated: false,
-        }; BATCH];
+        let mut meta = [Received::EMPTY; BATCH];
         let mut tally = Tally::default();
         loop {
             let mut guard = match self.udp.readable().await {
                 Ok(g) => g,
                 Err(e) => return format!("waiting on the UDP socket: {e}"),
             };
-            let n = match guard.try_io(|s| recvmmsg(s.get_ref().as_raw_fd(), &mut bufs, &mut meta)) {
+            let n = match guard.try_io(|s| mmsg::recv(s.get_ref().as_raw_fd(), &mut bufs, &mut meta)) {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return format!("receiving from peers: {e}"),
@@ -305,105 +291,62 @@ impl Decap {
             };
             drop(guard);
             for (i, m) in meta.iter().take(n).enumerate() {
-                let pkt = &mut bufs[i * SLOT..i * SLOT + m.len];
-                self.deliver(pkt, m, &mut tally);
+                let buf = &mut bufs[i * SLOT..i * SLOT + m.len];
+                self.deliver(buf, m, &mut tally);
             }
             self.counters.add(&mut tally);
         }
     }
 
-    /// Checks one datagram and writes its inner packet to the TUN.
-    fn deliver(&mut self, pkt: &mut [u8], m: &Received, tally: &mut Tally) {
+    /// Checks one received message (one datagram, or several the kernel coalesced, all
+    /// from one sender) and writes the inner packet of each datagram to the TUN.
+    fn deliver(&mut self, buf: &mut [u8], m: &Received, tally: &mut Tally) {
+        let datagrams = m.len.div_ceil(m.seg.max(1)).max(1) as u64;
         let from_ip = Ipv4Addr::from(u32::from_be(m.from.sin_addr.s_addr));
         let table = self.peers.get();
         let subnets = match table.subnets_of(from_ip) {
             Some(s) if u16::from_be(m.from.sin_port) == self.port => s,
             _ => {
-                tally.count(Stat::DropNotAPeer, 1);
+                tally.count(Stat::DropNotAPeer, datagrams);
                 return;
             }
         };
         if m.truncated {
-            tally.count(Stat::DropMalformed, 1);
+            tally.count(Stat::DropMalformed, datagrams);
             return;
         }
-        let h = match wire::parse(pkt, true) {
-            Ok(h) => h,
-            Err(Malformed::NotIpv4) => {
-                tally.count(Stat::DropNotIpv4, 1);
-                return;
-            }
-            Err(_) => {
-                tally.count(Stat::DropMalformed, 1);
-                return;
-            }
-        };
-        if !subnets.iter().any(|s| s.contains(&h.src)) {
-            tally.count(Stat::DropForeignSource, 1);
-            return;
-        }
-        if !wire::decrement_ttl(pkt) {
-            tally.count(Stat::DropTtlExpired, 1);
-            return;
-        }
-        match self.tun.write(&pkt[..h.total_len]) {
-            Ok(_) => {
-                tally.count(Stat::DecapPackets, 1);
-                tally.count(Stat::DecapBytes, h.total_len as u64);
-            }
-            Err(_) => tally.count(Stat::DropTunWrite, 1),
+        for pkt in buf.chunks_mut(m.seg.max(1)) {
+            deliver_one(&self.tun, subnets, pkt, tally);
         }
     }
 }
 
-/// `recvmmsg` of up to [`BATCH`] datagrams into the slots of `bufs`.
-fn recvmmsg(fd: RawFd, bufs: &mut [u8], meta: &mut [Received; BATCH]) -> io::Result<usize> {
-    // SAFETY: iovec, mmsghdr and sockaddr_in are plain old data; zeroes are valid.
-    let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut names: [libc::sockaddr_in; BATCH] = unsafe { zeroed() };
-    for (i, slot) in bufs.chunks_exact_mut(SLOT).take(BATCH).enumerate() {
-        iov[i] = libc::iovec {
-            iov_base: slot.as_mut_ptr().cast(),
-            iov_len: SLOT,
-        };
-        let h = &mut msgs[i].msg_hdr;
-        h.msg_iov = &mut iov[i];
-        h.msg_iovlen = 1;
-        h.msg_name = (&mut names[i] as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    }
-    // SAFETY: every message points at a distinct slot of `bufs` and a distinct name, all
-    // alive and exclusively borrowed for the call.
-    let r = unsafe {
-        libc::recvmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            BATCH as libc::c_uint,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
+/// Checks one inner packet from the peer owning `subnets` and writes it to the TUN.
+fn deliver_one(tun: &Tun, subnets: &[Ipv4Net], pkt: &mut [u8], tally: &mut Tally) {
+    let h = match wire::parse(pkt, true) {
+        Ok(h) => h,
+        Err(Malformed::NotIpv4) => {
+            tally.count(Stat::DropNotIpv4, 1);
+            return;
+        }
+        Err(_) => {
+            tally.count(Stat::DropMalformed, 1);
+            return;
+        }
     };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+    if !subnets.iter().any(|s| s.contains(&h.src)) {
+        tally.count(Stat::DropForeignSource, 1);
+        return;
     }
-    let n = r as usize;
-    for i in 0..n {
-        let h = &msgs[i].msg_hdr;
-        let ipv4 = h.msg_namelen as usize == size_of::<libc::sockaddr_in>()
-            && names[i].sin_family == libc::AF_INET as libc::sa_family_t;
-        meta[i] = Received {
-            len: (msgs[i].msg_len as usize).min(SLOT),
-            // A sender we cannot name is no peer: 0.0.0.0:0 matches none.
-            from: if ipv4 {
-                names[i]
-            } else {
-                sockaddr(Ipv4Addr::UNSPECIFIED, 0)
-            },
-            truncated: h.msg_flags & libc::MSG_TRUNC != 0,
-        };
+    if !wire::decrement_ttl(pkt) {
+        tally.count(Stat::DropTtlExpired, 1);
+        return;
     }
-    Ok(n)
+    match tun.write(&pkt[..h.total_len]) {
+        Ok(_) => {
+            tally.count(Stat::DecapPackets, 1);
+            tally.count(Stat::DecapBytes, h.total_len as u64);
+        }
+        Err(_) => tally.count(Stat::DropTunWrite, 1),
+    }
 }
