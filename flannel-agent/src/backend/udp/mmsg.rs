@@ -76,11 +76,12 @@ struct SegmentCmsg {
 }
 
 /// `sendmmsg` of `runs` (at most [`BATCH`]), the packets of `bufs` (slot `i` holds packet
-/// `i`, `lens[i]` bytes) to `dests`. A run of more than one packet goes as one
+/// `i`, `lens[i]` bytes from offset `head`) to `dests`. A run of more than one packet goes as one
 /// `UDP_SEGMENT` message. Returns how many runs the kernel took.
 pub fn send_runs(
     fd: RawFd,
     bufs: &[u8],
+    head: usize,
     lens: &[usize],
     dests: &[libc::sockaddr_in],
     runs: &[Run],
@@ -96,7 +97,7 @@ pub fn send_runs(
     for (k, run) in runs[..n].iter().enumerate() {
         for i in run.first..run.first + run.count {
             iov[i] = libc::iovec {
-                iov_base: bufs[i * SLOT..i * SLOT + lens[i]].as_ptr() as *mut libc::c_void,
+                iov_base: bufs[i * SLOT + head..i * SLOT + head + lens[i]].as_ptr() as *mut libc::c_void,
                 iov_len: lens[i],
             };
         }

@@ -14,11 +14,13 @@
 //! * [`peers`]: the routing table, swapped atomically on reconcile.
 //! * [`proxy`]: the two forwarding tasks.
 //! * [`mmsg`]: their batched socket calls, with UDP segmentation and receive coalescing.
+//! * [`coalesce`]: TCP runs written to the TUN as one segmentation-offload packet.
 //! * [`tun`]: the device.
 //!
 //! The device is not persistent: it and its route go when flanneld exits (as upstream's).
 //! A deleted `flannel0` or a stopped proxy task is re-created by the next reconcile.
 
+pub mod coalesce;
 pub mod mmsg;
 pub mod peers;
 pub mod proxy;

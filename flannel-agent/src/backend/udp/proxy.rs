@@ -28,6 +28,7 @@ use tokio::io::Interest;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::coalesce::{self, Coalescer, VNET_GSO_NONE, VNET_HDR_LEN, VNET_NEEDS_CSUM};
 use super::mmsg::{self, sockaddr, Received, Run};
 use super::peers::{PeerCache, SharedPeers};
 use super::stats::{Counters, Stat, Tally};
@@ -128,7 +129,10 @@ impl Encap {
                 let slot = &mut bufs[n * SLOT..(n + 1) * SLOT];
                 match guard.get_inner().read(slot) {
                     Ok(len) => {
-                        let pkt = &mut slot[..len];
+                        let Some(pkt) = strip_vnet_header(&mut slot[..len]) else {
+                            tally.count(Stat::DropMalformed, 1);
+                            continue;
+                        };
                         match classify(
                             guard.get_inner(),
                             &mut self.peers,
@@ -183,7 +187,9 @@ impl Encap {
         let mut r = 0;
         while r < runs.len() {
             let mut guard = self.udp.writable().await?;
-            match guard.try_io(|s| mmsg::send_runs(s.get_ref().as_raw_fd(), bufs, lens, dests, &runs[r..])) {
+            match guard
+                .try_io(|s| mmsg::send_runs(s.get_ref().as_raw_fd(), bufs, VNET_HDR_LEN, lens, dests, &runs[r..]))
+            {
                 Ok(Ok(k)) => {
                     for run in &runs[r..r + k] {
                         let sent = &lens[run.first..run.first + run.count];
@@ -225,6 +231,24 @@ fn refuses_segmentation(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
     )
+}
+
+/// The packet after the virtio-net header the TUN puts first, its checksum completed if
+/// the kernel left it partial; `None` for what we never asked for (a segmentation offload
+/// packet) or a header that does not fit.
+fn strip_vnet_header(read: &mut [u8]) -> Option<&mut [u8]> {
+    if read.len() < VNET_HDR_LEN || read[1] != VNET_GSO_NONE {
+        return None;
+    }
+    let (hdr, pkt) = read.split_at_mut(VNET_HDR_LEN);
+    if hdr[0] & VNET_NEEDS_CSUM != 0 {
+        let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+        let offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+        if !coalesce::complete_checksum(pkt, start, offset) {
+            return None;
+        }
+    }
+    Some(pkt)
 }
 
 /// Checks, routes and TTL-decrements one packet from the TUN; returns where it goes and
@@ -277,6 +301,7 @@ impl Decap {
     async fn run(mut self) -> String {
         let mut bufs = vec![0u8; BATCH * SLOT];
         let mut meta = [Received::EMPTY; BATCH];
+        let mut run = Coalescer::default();
         let mut tally = Tally::default();
         loop {
             let mut guard = match self.udp.readable().await {
@@ -292,15 +317,16 @@ impl Decap {
             drop(guard);
             for (i, m) in meta.iter().take(n).enumerate() {
                 let buf = &mut bufs[i * SLOT..i * SLOT + m.len];
-                self.deliver(buf, m, &mut tally);
+                self.deliver(buf, m, &mut run, &mut tally);
             }
             self.counters.add(&mut tally);
         }
     }
 
     /// Checks one received message (one datagram, or several the kernel coalesced, all
-    /// from one sender) and writes the inner packet of each datagram to the TUN.
-    fn deliver(&mut self, buf: &mut [u8], m: &Received, tally: &mut Tally) {
+    /// from one sender) and writes the inner packet of each datagram to the TUN, runs of
+    /// one TCP stream as one packet ([`coalesce`]).
+    fn deliver(&mut self, buf: &mut [u8], m: &Received, run: &mut Coalescer, tally: &mut Tally) {
         let datagrams = m.len.div_ceil(m.seg.max(1)).max(1) as u64;
         let from_ip = Ipv4Addr::from(u32::from_be(m.from.sin_addr.s_addr));
         let table = self.peers.get();
@@ -316,37 +342,52 @@ impl Decap {
             return;
         }
         for pkt in buf.chunks_mut(m.seg.max(1)) {
-            deliver_one(&self.tun, subnets, pkt, tally);
+            if let Some(pkt) = check_inner(subnets, pkt, tally) {
+                if !run.push(pkt) {
+                    write_run(&self.tun, run, tally);
+                    run.push(pkt);
+                }
+            }
         }
+        write_run(&self.tun, run, tally);
     }
 }
 
-/// Checks one inner packet from the peer owning `subnets` and writes it to the TUN.
-fn deliver_one(tun: &Tun, subnets: &[Ipv4Net], pkt: &mut [u8], tally: &mut Tally) {
+/// Checks one inner packet from the peer owning `subnets` and decrements its TTL; the
+/// packet (without trailing bytes) if it may go to the TUN.
+fn check_inner<'a>(subnets: &[Ipv4Net], pkt: &'a mut [u8], tally: &mut Tally) -> Option<&'a [u8]> {
     let h = match wire::parse(pkt, true) {
         Ok(h) => h,
         Err(Malformed::NotIpv4) => {
             tally.count(Stat::DropNotIpv4, 1);
-            return;
+            return None;
         }
         Err(_) => {
             tally.count(Stat::DropMalformed, 1);
-            return;
+            return None;
         }
     };
     if !subnets.iter().any(|s| s.contains(&h.src)) {
         tally.count(Stat::DropForeignSource, 1);
-        return;
+        return None;
     }
     if !wire::decrement_ttl(pkt) {
         tally.count(Stat::DropTtlExpired, 1);
-        return;
+        return None;
     }
-    match tun.write(&pkt[..h.total_len]) {
+    Some(&pkt[..h.total_len])
+}
+
+/// Writes the pending run (if any) to the TUN.
+fn write_run(tun: &Tun, run: &mut Coalescer, tally: &mut Tally) {
+    let Some((pkt, count, bytes)) = run.take() else {
+        return;
+    };
+    match tun.write_with_header(pkt) {
         Ok(_) => {
-            tally.count(Stat::DecapPackets, 1);
-            tally.count(Stat::DecapBytes, h.total_len as u64);
+            tally.count(Stat::DecapPackets, count as u64);
+            tally.count(Stat::DecapBytes, bytes as u64);
         }
-        Err(_) => tally.count(Stat::DropTunWrite, 1),
+        Err(_) => tally.count(Stat::DropTunWrite, count as u64),
     }
 }

@@ -1,5 +1,8 @@
-//! The TUN device (`flannel0`), opened as upstream opens it: `/dev/net/tun`, `IFF_TUN |
-//! IFF_NO_PI`, name template `flannel%d` (the kernel picks the number).
+//! The TUN device (`flannel0`), opened as upstream opens it (`/dev/net/tun`, `IFF_TUN |
+//! IFF_NO_PI`, name template `flannel%d`: the kernel picks the number) plus `IFF_VNET_HDR`:
+//! every packet read or written starts with a virtio-net header, which lets the proxy
+//! write coalesced TCP runs ([`super::coalesce`]). No offload is enabled for reads, so the
+//! kernel hands over single packets as before.
 //!
 //! Plain `ioctl(TUNSETIFF)` through `libc` rather than a TUN crate: it is one ioctl, the
 //! proxy needs nothing but the raw non-blocking fd (it batches reads itself and registers
@@ -16,6 +19,8 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+
+use super::coalesce::VNET_HDR_LEN;
 
 /// An open TUN device.
 #[derive(Debug)]
@@ -44,7 +49,7 @@ impl Tun {
         for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
             *d = *s as libc::c_char;
         }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is, on a /dev/net/tun fd.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
         if r < 0 {
@@ -75,7 +80,8 @@ impl Tun {
         })
     }
 
-    /// Reads one packet into `buf` (non-blocking: `WouldBlock` when none is queued).
+    /// Reads one packet, virtio-net header first, into `buf` (non-blocking: `WouldBlock`
+    /// when none is queued).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of its length.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -86,8 +92,30 @@ impl Tun {
         }
     }
 
-    /// Writes one packet.
+    /// Writes one packet with an empty virtio-net header (no offload asked).
     pub fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        let hdr = [0u8; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: pkt.as_ptr() as *mut libc::c_void,
+                iov_len: pkt.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at buffers valid for reads of their lengths.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one packet that starts with its own virtio-net header.
+    pub fn write_with_header(&self, pkt: &[u8]) -> io::Result<usize> {
         // SAFETY: `pkt` is valid for reads of its length.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
         if n < 0 {
