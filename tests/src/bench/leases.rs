@@ -13,6 +13,7 @@
 //! none: the agent logs `vxlan datapath reconciled` only when it changed something).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,6 +43,8 @@ pub struct LeaseRun {
     pub datapath: &'static str,
     /// Remote leases written.
     pub leases: usize,
+    /// The flanneld binary that programmed them.
+    pub flanneld: String,
     /// Seconds to write them to etcd (before the agent starts; not part of the result).
     pub write_s: f64,
     /// Seconds from the agent's start until `/readyz` answered 200.
@@ -92,6 +95,7 @@ impl LeaseRun {
         json!({
             "datapath": self.datapath,
             "leases": self.leases,
+            "flanneld": self.flanneld,
             "etcd_write_s": self.write_s,
             "ready_s": self.ready_s,
             "routes_complete_s": self.routes_s,
@@ -154,10 +158,25 @@ async fn count_routes(tb: &Testbed) -> anyhow::Result<usize> {
 
 /// Runs one programming measurement on a fresh one-node testbed with `Datapath: <datapath>`,
 /// giving up after `timeout` (the result then says so).
-pub async fn program_leases(datapath: &'static str, count: usize, timeout: Duration) -> anyhow::Result<LeaseRun> {
+/// `agent` is the flanneld to run (a release build, as nodes run it); `None` runs the default
+/// one of the testbed.
+pub async fn program_leases(
+    datapath: &'static str,
+    count: usize,
+    timeout: Duration,
+    agent: Option<&Path>,
+) -> anyhow::Result<LeaseRun> {
     let conf =
         format!(r#"{{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{{"Type":"vxlan","Datapath":"{datapath}"}}}}"#);
-    let mut tb = Testbed::start(TestbedOptions::new(1).net_conf(&conf)).await?;
+    let mut options = TestbedOptions::new(1).net_conf(&conf);
+    if let Some(path) = agent {
+        options = options.flanneld(path.to_path_buf());
+    }
+    let flanneld = match agent {
+        Some(path) => path.display().to_string(),
+        None => crate::testbed::flanneld_path()?.display().to_string(),
+    };
+    let mut tb = Testbed::start(options).await?;
     let started = Instant::now();
     write_leases(&tb, count).await?;
     let write_s = started.elapsed().as_secs_f64();
@@ -170,6 +189,7 @@ pub async fn program_leases(datapath: &'static str, count: usize, timeout: Durat
     let mut run = LeaseRun {
         datapath,
         leases: count,
+        flanneld,
         write_s,
         ready_s: None,
         routes_s: None,

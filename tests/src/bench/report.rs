@@ -419,10 +419,10 @@ impl Report {
         }
 
         if !self.leases.is_empty() {
-            let n = self.leases[0].leases;
+            let (n, agent) = (self.leases[0].leases, &self.leases[0].flanneld);
             let _ = writeln!(
                 out,
-                "\nProgramming {n} remote leases (pre-written to etcd; clock from agent start; polled every 0.1 s; \
+                "\nProgramming {n} remote leases with {agent} (pre-written to etcd; clock from agent start; polled every 0.1 s; \
                  the agent's reconcile runs from the complete peer set to everything programmed; steady: \
                  periodic reconciles afterwards, with the agent's CPU per reconcile and how many wrote anything):\n\n\
                  | Datapath asked | agent ready | all {n} routes (netlink) | all {n} FLANNEL_VTEPS entries | \

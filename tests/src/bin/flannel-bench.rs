@@ -149,7 +149,9 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     if args.leases > 0 {
         for datapath in ["kernel", "ebpf"] {
             println!("bench: programming {} leases with Datapath {datapath}", args.leases);
-            let run = leases::program_leases(datapath, args.leases, Duration::from_secs(args.lease_timeout))
+            // As nodes run it: the release flanneld when there is one.
+            let timeout = Duration::from_secs(args.lease_timeout);
+            let run = leases::program_leases(datapath, args.leases, timeout, args.release_agent.as_deref())
                 .await
                 .with_context(|| format!("lease programming with Datapath {datapath}"))?;
             println!(
