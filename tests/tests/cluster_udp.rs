@@ -431,6 +431,50 @@ async fn udp_interop_with_upstream_wire_format_both_ways() -> anyhow::Result<()>
     c.shutdown().await
 }
 
+/// A burst of same-sized packets leaves as segmented sends (`UDP_SEGMENT`): the upstream peer
+/// must still get one datagram per inner packet, each exactly that packet.
+#[tokio::test]
+async fn udp_burst_reaches_upstream_peer_one_packet_per_datagram() -> anyhow::Result<()> {
+    if !require_root("udp_burst_reaches_upstream_peer_one_packet_per_datagram") {
+        return Ok(());
+    }
+    const BURST: usize = 64;
+    const PAYLOAD: usize = 1000;
+    let c = ScriptedCluster::start().await?;
+    c.check_both_ways(1).await?;
+    let pod_ip = c.pod_ip();
+    in_netns(&c.pod.netns, CONVERGE, move || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(pod_ip, 0))?;
+        for i in 0..BURST {
+            let mut d = vec![0xa5u8; PAYLOAD];
+            d[..2].copy_from_slice(&(i as u16).to_be_bytes());
+            sock.send_to(&d, SocketAddrV4::new(FAKE_HOST, 9))?;
+        }
+        Ok(())
+    })
+    .await?;
+    let ours =
+        |p: &Vec<u8>| p.len() >= 28 && p[9] == 17 && p[12..16] == pod_ip.octets() && p[16..20] == FAKE_HOST.octets();
+    wait_for("the whole burst at the upstream peer", CONVERGE, || async {
+        let n = c.seen.lock().unwrap().iter().filter(|p| ours(p)).count();
+        ensure!(n >= BURST, "{n} of {BURST} datagrams so far");
+        Ok(())
+    })
+    .await?;
+    let seen: Vec<Vec<u8>> = c.seen.lock().unwrap().iter().filter(|p| ours(p)).cloned().collect();
+    let mut numbers: Vec<u16> = Vec::new();
+    for p in &seen {
+        assert_eq!(p.len(), 20 + 8 + PAYLOAD, "one inner packet per datagram");
+        assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), p.len());
+        assert_eq!(checksum(&p[..20]), 0, "inner header checksum");
+        assert!(p[30..].iter().all(|&b| b == 0xa5));
+        numbers.push(u16::from_be_bytes([p[28], p[29]]));
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..BURST as u16).collect::<Vec<_>>());
+    c.shutdown().await
+}
+
 #[tokio::test]
 async fn udp_spoofed_datagrams_are_dropped_and_counted() -> anyhow::Result<()> {
     if !require_root("udp_spoofed_datagrams_are_dropped_and_counted") {
