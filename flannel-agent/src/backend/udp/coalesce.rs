@@ -22,15 +22,15 @@ pub const VNET_NEEDS_CSUM: u8 = 1;
 /// `VIRTIO_NET_HDR_GSO_NONE`.
 pub const VNET_GSO_NONE: u8 = 0;
 /// `VIRTIO_NET_HDR_GSO_TCPV4`.
-const VNET_GSO_TCPV4: u8 = 1;
+pub const VNET_GSO_TCPV4: u8 = 1;
 /// The largest IPv4 packet.
 const MAX_PACKET: usize = 65_535;
-const TCP: u8 = 6;
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
+pub(super) const TCP: u8 = 6;
+pub(super) const TCP_ACK: u8 = 0x10;
+pub(super) const TCP_PSH: u8 = 0x08;
 
 /// Adds `data` as big-endian 16-bit words to `sum` (RFC 1071, not folded).
-fn sum16(data: &[u8], mut sum: u64) -> u64 {
+pub(super) fn sum16(data: &[u8], mut sum: u64) -> u64 {
     let mut words = data.chunks_exact(2);
     for w in &mut words {
         sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
@@ -41,7 +41,7 @@ fn sum16(data: &[u8], mut sum: u64) -> u64 {
     sum
 }
 
-fn fold(mut sum: u64) -> u16 {
+pub(super) fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -50,12 +50,12 @@ fn fold(mut sum: u64) -> u16 {
 
 /// The TCP pseudo-header sum of an IPv4 packet `ip` (header of 20 bytes) for a TCP
 /// segment of `tcp_len` bytes.
-fn pseudo_sum(ip: &[u8], tcp_len: usize) -> u64 {
+pub(super) fn pseudo_sum(ip: &[u8], tcp_len: usize) -> u64 {
     sum16(&ip[12..20], u64::from(TCP) + tcp_len as u64)
 }
 
 /// The TCP header length of `pkt` when it is a segment that may join a run, else `None`.
-fn joinable(pkt: &[u8]) -> Option<usize> {
+pub(super) fn joinable(pkt: &[u8]) -> Option<usize> {
     if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != TCP {
         return None;
     }

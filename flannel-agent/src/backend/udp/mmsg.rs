@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use super::proxy::{BATCH, SLOT};
 
 /// The most UDP payload one message may carry (65,535 less the IPv4 and UDP headers).
-const MAX_GSO_BYTES: usize = 65_535 - 28;
+pub const MAX_GSO_BYTES: usize = 65_535 - 28;
 
 /// A run of packets, consecutive in the batch, sent as one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +124,40 @@ pub fn send_runs(
         Err(io::Error::last_os_error())
     } else {
         Ok(r as usize)
+    }
+}
+
+/// Sends `data`, packets of `seg` bytes back to back (the last may be shorter), to `dest`:
+/// as one `UDP_SEGMENT` message when it holds more than one (at most [`MAX_GSO_BYTES`]).
+pub fn send_segmented(fd: RawFd, data: &[u8], seg: usize, dest: &libc::sockaddr_in) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr and cmsghdr are plain old data; zeroes are valid.
+    let mut h: libc::msghdr = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut c: SegmentCmsg = unsafe { zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_name = dest as *const libc::sockaddr_in as *mut libc::c_void;
+    h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    if data.len() > seg {
+        // SAFETY: CMSG_LEN only computes a length.
+        c.hdr.cmsg_len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as _;
+        c.hdr.cmsg_level = libc::SOL_UDP;
+        c.hdr.cmsg_type = libc::UDP_SEGMENT;
+        c.seg = seg as u16;
+        h.msg_control = (&mut c as *mut SegmentCmsg).cast();
+        h.msg_controllen = size_of::<SegmentCmsg>() as _;
+    }
+    // SAFETY: `h` points at `iov`, `c`, `data` and `dest`, all alive for the call; the
+    // kernel only reads them.
+    let r = unsafe { libc::sendmsg(fd, &h, libc::MSG_DONTWAIT) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@
 //! * [`proxy`]: the two forwarding tasks.
 //! * [`mmsg`]: their batched socket calls, with UDP segmentation and receive coalescing.
 //! * [`coalesce`]: TCP runs written to the TUN as one segmentation-offload packet.
+//! * [`segment`]: segmentation-offload packets read from the TUN cut into packets.
 //! * [`tun`]: the device.
 //!
 //! The device is not persistent: it and its route go when flanneld exits (as upstream's).
@@ -24,6 +25,7 @@ pub mod coalesce;
 pub mod mmsg;
 pub mod peers;
 pub mod proxy;
+pub mod segment;
 pub mod stats;
 pub mod tun;
 pub mod wire;
@@ -191,12 +193,17 @@ impl UdpBackend {
 
     /// Opens a new TUN device.
     fn open_tun() -> Result<tun::Tun, BackendError> {
-        tun::Tun::create(TUN_TEMPLATE).map_err(|e| {
+        let tun = tun::Tun::create(TUN_TEMPLATE).map_err(|e| {
             BackendError::Unsupported(format!(
                 "udp backend: cannot create a TUN device from /dev/net/tun: {e}; the udp backend needs the tun \
                  module and CAP_NET_ADMIN (in a container: /dev/net/tun mounted)"
             ))
-        })
+        })?;
+        // Optional: without it every packet is read on its own, which is correct, only slower.
+        if let Err(e) = tun.enable_tso() {
+            debug!(error = %e, "udp: no TCP segmentation offload on the TUN; reading packet by packet");
+        }
+        Ok(tun)
     }
 
     /// Sets the device's MTU, address and up state and the route for the network via it;

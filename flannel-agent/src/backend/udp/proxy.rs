@@ -28,9 +28,10 @@ use tokio::io::Interest;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::coalesce::{self, Coalescer, VNET_GSO_NONE, VNET_HDR_LEN, VNET_NEEDS_CSUM};
+use super::coalesce::{self, Coalescer, VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_HDR_LEN, VNET_NEEDS_CSUM};
 use super::mmsg::{self, sockaddr, Received, Run};
 use super::peers::{PeerCache, SharedPeers};
+use super::segment;
 use super::stats::{Counters, Stat, Tally};
 use super::tun::Tun;
 use super::wire::{self, Malformed, ICMP_MAX};
@@ -117,6 +118,8 @@ impl Encap {
         let mut lens = [0usize; BATCH];
         let mut dests = [sockaddr(Ipv4Addr::UNSPECIFIED, 0); BATCH];
         let mut runs = Vec::with_capacity(BATCH);
+        let mut offload = None;
+        let mut cut = Vec::with_capacity(2 * SLOT);
         let mut icmp = [0u8; ICMP_MAX];
         let mut tally = Tally::default();
         loop {
@@ -129,7 +132,7 @@ impl Encap {
                 let slot = &mut bufs[n * SLOT..(n + 1) * SLOT];
                 match guard.get_inner().read(slot) {
                     Ok(len) => {
-                        let Some(pkt) = strip_vnet_header(&mut slot[..len]) else {
+                        let Some((pkt, gso_size)) = strip_vnet_header(&mut slot[..len]) else {
                             tally.count(Stat::DropMalformed, 1);
                             continue;
                         };
@@ -144,6 +147,11 @@ impl Encap {
                             (Verdict::Send(peer), len) => {
                                 lens[n] = len;
                                 dests[n] = sockaddr(peer, self.port);
+                                if gso_size.is_some() {
+                                    // Cut and sent after the packets before it.
+                                    offload = gso_size;
+                                    break;
+                                }
                                 n += 1;
                             }
                             (Verdict::Drop, _) => {}
@@ -163,6 +171,13 @@ impl Encap {
             drop(guard);
             if n > 0 {
                 if let Err(e) = self.send(&bufs, &lens[..n], &dests[..n], &mut runs, &mut tally).await {
+                    self.counters.add(&mut tally);
+                    return format!("sending to peers: {e}");
+                }
+            }
+            if let Some(gso_size) = offload.take() {
+                let pkt = &bufs[n * SLOT + VNET_HDR_LEN..n * SLOT + VNET_HDR_LEN + lens[n]];
+                if let Err(e) = self.send_offload(pkt, gso_size, dests[n], &mut cut, &mut tally).await {
                     self.counters.add(&mut tally);
                     return format!("sending to peers: {e}");
                 }
@@ -223,6 +238,58 @@ impl Encap {
     }
 }
 
+impl Encap {
+    /// Cuts a TCP segmentation-offload packet into its segments and sends them to `dest`,
+    /// as few `UDP_SEGMENT` messages as fit (one per ≈ 64 kB), or one by one once the kernel
+    /// refused segmentation.
+    async fn send_offload(
+        &mut self,
+        pkt: &[u8],
+        gso_size: usize,
+        dest: libc::sockaddr_in,
+        cut: &mut Vec<u8>,
+        tally: &mut Tally,
+    ) -> io::Result<()> {
+        let Some(seg) = segment::segment(pkt, gso_size, cut) else {
+            tally.count(Stat::DropMalformed, 1);
+            return Ok(());
+        };
+        let mut off = 0;
+        while off < cut.len() {
+            let per = if self.gso {
+                (mmsg::MAX_GSO_BYTES / seg).max(1)
+            } else {
+                1
+            };
+            let chunk = &cut[off..(off + per * seg).min(cut.len())];
+            let packets = chunk.len().div_ceil(seg) as u64;
+            let mut guard = self.udp.writable().await?;
+            match guard.try_io(|s| mmsg::send_segmented(s.get_ref().as_raw_fd(), chunk, seg, &dest)) {
+                Ok(Ok(())) => {
+                    tally.count(Stat::EncapPackets, packets);
+                    tally.count(Stat::EncapBytes, chunk.len() as u64);
+                    off += chunk.len();
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) if packets > 1 && refuses_segmentation(&e) => {
+                    warn!(
+                        error = %e,
+                        "udp: the kernel cannot segment our datagrams (UDP_SEGMENT) on this path; \
+                         sending them one by one from now on"
+                    );
+                    self.gso = false;
+                }
+                Ok(Err(_)) => {
+                    tally.count(Stat::DropUdpSend, packets);
+                    off += chunk.len();
+                }
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Errors of a `UDP_SEGMENT` send that mean "not this way" rather than "not to this peer":
 /// no such option (kernel before 4.18), no checksum offload on the way (EIO), or a segment
 /// too large for the path (EINVAL).
@@ -233,22 +300,25 @@ fn refuses_segmentation(e: &io::Error) -> bool {
     )
 }
 
-/// The packet after the virtio-net header the TUN puts first, its checksum completed if
-/// the kernel left it partial; `None` for what we never asked for (a segmentation offload
-/// packet) or a header that does not fit.
-fn strip_vnet_header(read: &mut [u8]) -> Option<&mut [u8]> {
-    if read.len() < VNET_HDR_LEN || read[1] != VNET_GSO_NONE {
+/// The packet after the virtio-net header the TUN puts first and, for a TCP segmentation
+/// offload packet, its segment size (the packet is cut after routing, [`segment`]); a
+/// partial checksum of a single packet is completed. `None` for an offload type we never
+/// asked for, or a header that does not fit.
+fn strip_vnet_header(read: &mut [u8]) -> Option<(&mut [u8], Option<usize>)> {
+    if read.len() < VNET_HDR_LEN {
         return None;
     }
     let (hdr, pkt) = read.split_at_mut(VNET_HDR_LEN);
-    if hdr[0] & VNET_NEEDS_CSUM != 0 {
-        let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
-        let offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
-        if !coalesce::complete_checksum(pkt, start, offset) {
-            return None;
-        }
+    let field = |at: usize| usize::from(u16::from_ne_bytes([hdr[at], hdr[at + 1]]));
+    match hdr[1] {
+        VNET_GSO_NONE => {}
+        VNET_GSO_TCPV4 if field(4) > 0 => return Some((pkt, Some(field(4)))),
+        _ => return None,
     }
-    Some(pkt)
+    if hdr[0] & VNET_NEEDS_CSUM != 0 && !coalesce::complete_checksum(pkt, field(6), field(8)) {
+        return None;
+    }
+    Some((pkt, None))
 }
 
 /// Checks, routes and TTL-decrements one packet from the TUN; returns where it goes and

@@ -1,8 +1,8 @@
 //! The TUN device (`flannel0`), opened as upstream opens it (`/dev/net/tun`, `IFF_TUN |
 //! IFF_NO_PI`, name template `flannel%d`: the kernel picks the number) plus `IFF_VNET_HDR`:
 //! every packet read or written starts with a virtio-net header, which lets the proxy
-//! write coalesced TCP runs ([`super::coalesce`]). No offload is enabled for reads, so the
-//! kernel hands over single packets as before.
+//! write coalesced TCP runs ([`super::coalesce`]) and read a pod's TCP sends whole
+//! ([`Tun::enable_tso`], [`super::segment`]).
 //!
 //! Plain `ioctl(TUNSETIFF)` through `libc` rather than a TUN crate: it is one ioctl, the
 //! proxy needs nothing but the raw non-blocking fd (it batches reads itself and registers
@@ -64,6 +64,20 @@ impl Tun {
             fd: OwnedFd::from(file),
             name,
         })
+    }
+
+    /// Turns on TCP segmentation offload towards us (`TUNSETOFFLOAD` with checksum and
+    /// IPv4 TSO): a pod's TCP send then arrives as one large packet the proxy cuts itself
+    /// ([`super::segment`]), and other packets may arrive with a partial checksum.
+    pub fn enable_tso(&self) -> io::Result<()> {
+        let flags = libc::c_ulong::from(libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+        // SAFETY: TUNSETOFFLOAD takes its flags by value on a /dev/net/tun fd.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// The name the kernel gave the device (normally `flannel0`).
