@@ -15,6 +15,8 @@
 //! that verifies (the coalesced packet carries a partial checksum the kernel trusts).
 //! Anything else is written as it came.
 
+use super::wire::{self, fold, sum16};
+
 /// The virtio-net header `IFF_VNET_HDR` puts before every packet on the TUN.
 pub const VNET_HDR_LEN: usize = 10;
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
@@ -28,25 +30,6 @@ const MAX_PACKET: usize = 65_535;
 pub(super) const TCP: u8 = 6;
 pub(super) const TCP_ACK: u8 = 0x10;
 pub(super) const TCP_PSH: u8 = 0x08;
-
-/// Adds `data` as big-endian 16-bit words to `sum` (RFC 1071, not folded).
-pub(super) fn sum16(data: &[u8], mut sum: u64) -> u64 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
-}
-
-pub(super) fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
 
 /// The TCP pseudo-header sum of an IPv4 packet `ip` (header of 20 bytes) for a TCP
 /// segment of `tcp_len` bytes.
@@ -175,7 +158,7 @@ impl Coalescer {
             let ip = &mut self.buf[VNET_HDR_LEN..];
             ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
             ip[10..12].fill(0);
-            let c = !fold(sum16(&ip[..20], 0));
+            let c = wire::checksum(&ip[..20]);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             ip[33] = self.last_flags;
             // A partial checksum: the pseudo-header's sum; the kernel adds the segment's.
@@ -216,7 +199,7 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> bool {
     if start + offset + 2 > pkt.len() {
         return false;
     }
-    let c = !fold(sum16(&pkt[start..], 0));
+    let c = wire::checksum(&pkt[start..]);
     pkt[start + offset..start + offset + 2].copy_from_slice(&c.to_be_bytes());
     true
 }
@@ -237,7 +220,7 @@ mod tests {
         p[9] = TCP;
         p[12..16].copy_from_slice(&[10, 244, 1, 2]);
         p[16..20].copy_from_slice(&[10, 244, 2, 2]);
-        let c = !fold(sum16(&p[..20], 0));
+        let c = wire::checksum(&p[..20]);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         p[20..22].copy_from_slice(&40000u16.to_be_bytes());
         p[22..24].copy_from_slice(&5201u16.to_be_bytes());

@@ -8,7 +8,8 @@
 //! The cut follows the kernel's TSO: sequence numbers advance by the segment size, the IPv4
 //! ID by one per segment, FIN and PSH stay on the last segment only, CWR on the first.
 
-use super::coalesce::{fold, pseudo_sum, sum16, TCP};
+use super::coalesce::{pseudo_sum, TCP};
+use super::wire::{self, fold, sum16};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -50,7 +51,7 @@ pub fn segment(pkt: &[u8], gso_size: usize, out: &mut Vec<u8>) -> Option<usize> 
         p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         p[4..6].copy_from_slice(&id.wrapping_add(k as u16).to_be_bytes());
         p[10..12].fill(0);
-        let c = !fold(sum16(&p[..ihl], 0));
+        let c = wire::checksum(&p[..ihl]);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         let t = &mut p[ihl..];
         let s = seq.wrapping_add((k * gso_size) as u32);

@@ -57,20 +57,30 @@ fn addr(b: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
 }
 
-/// The Internet checksum (RFC 1071) of `data`, folded and complemented.
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+/// Adds `data` as big-endian 16-bit words to `sum` (RFC 1071, not folded); the running sum
+/// the checksum helpers below and the TCP segment code share.
+pub(super) fn sum16(data: &[u8], mut sum: u64) -> u64 {
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
     }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
+    if let [last] = words.remainder() {
+        sum += u64::from(*last) << 8;
     }
+    sum
+}
+
+/// Folds a running [`sum16`] into 16 bits (not complemented).
+pub(super) fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The Internet checksum (RFC 1071) of `data`, folded and complemented.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum16(data, 0))
 }
 
 /// Parses the IPv4 header at the start of `pkt`. `verify_checksum` is for packets from the
