@@ -26,7 +26,7 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use flannel_common::{
-    wire::ECN_CE, DatapathConfig, LocalPod, PodStat, Stat, XdpMeta, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP,
+    wire::ECN_CE, DatapathConfig, FlowKey, LocalPod, PodStat, Stat, XdpMeta, CFG_F_DECAP_GSO, CFG_F_DECAP_L4_UDP,
     CFG_F_POD_FAST_PATH, CFG_F_XDP_DECAP, XDP_META_MAGIC,
 };
 
@@ -96,12 +96,16 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     } else {
         None
     };
-    let pod = inner_ip.and_then(|ip| local_pod(ctx, INNER_IP_OFFSET, ip));
+    // Keyed once: the fast path's check and the host path's record both need it.
+    let key = inner_ip
+        .as_ref()
+        .and_then(|ip| flows::flow_key(ctx, INNER_IP_OFFSET, ip));
+    let pod = inner_ip.and_then(|ip| local_pod(ip, key.as_ref()));
     let common = is_common_case(ctx, cfg, &outer, &inner, frame_len, pod.is_some());
-    if let Some(ip) = &inner_ip {
+    if let Some(key) = &key {
         if pod.is_none() || !common {
             // The host's path takes this packet: keep its flow there (`flows`).
-            flows::record(ctx, INNER_IP_OFFSET, ip);
+            flows::remember(key);
         }
     }
     if !common {
@@ -115,8 +119,8 @@ pub fn decap(ctx: &TcContext, cfg: &DatapathConfig) -> Result<i32, Stat> {
     };
     if ctx.adjust_room(-(ADJUST_LEN as i32), MODE, flags).is_err() {
         // Unchanged, the packet goes to the kernel's vxlan driver after all.
-        if let (Some(ip), Some(_)) = (&inner_ip, &pod) {
-            flows::record(ctx, INNER_IP_OFFSET, ip);
+        if let (Some(key), Some(_)) = (&key, &pod) {
+            flows::remember(key);
         }
         return Err(Stat::DecapPassKernel);
     }
@@ -194,9 +198,10 @@ fn deliver_stripped(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4]) -> 
     let mut pod = None;
     if cfg.flags & CFG_F_POD_FAST_PATH != 0 {
         if let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN as usize) {
-            pod = local_pod(ctx, ETH_HLEN as usize, ip);
-            if pod.is_none() {
-                flows::record(ctx, ETH_HLEN as usize, &ip);
+            let key = flows::flow_key(ctx, ETH_HLEN as usize, &ip);
+            pod = local_pod(ip, key.as_ref());
+            if let (None, Some(key)) = (&pod, &key) {
+                flows::remember(key);
             }
         }
     }
@@ -213,17 +218,17 @@ fn deliver_stripped(ctx: &TcContext, cfg: &DatapathConfig, vtep_ip: [u8; 4]) -> 
     Ok(deliver(ctx, cfg, vtep_ip, pod))
 }
 
-/// The local pod the inner packet (IPv4 header `ip` at `ip_offset`) is addressed to, with
-/// that header, when the pod fast path can deliver it: a pod in `FLANNEL_LOCAL_PODS`, a TTL
-/// that survives one more hop (else the kernel path sends the ICMP error), and a flow the
+/// The local pod the inner packet (IPv4 header `ip`, flow `key`) is addressed to, with that
+/// header, when the pod fast path can deliver it: a pod in `FLANNEL_LOCAL_PODS`, a TTL that
+/// survives one more hop (else the kernel path sends the ICMP error), and a keyed flow the
 /// host's path does not carry.
 #[inline(always)]
-fn local_pod(ctx: &TcContext, ip_offset: usize, ip: Ipv4Hdr) -> Option<(LocalPod, Ipv4Hdr)> {
+fn local_pod(ip: Ipv4Hdr, key: Option<&FlowKey>) -> Option<(LocalPod, Ipv4Hdr)> {
     if ip.version_ihl >> 4 != 4 || ip.ttl <= 1 {
         return None;
     }
     let pod = lookup_local_pod(ip.daddr)?;
-    flows::fast_path_may_take(ctx, ip_offset, &ip).then_some((pod, ip))
+    key.is_some_and(|k| !flows::on_kernel_path(k)).then_some((pod, ip))
 }
 
 /// UDP over IPv4 without options, not a fragment, to our VTEP address and VXLAN port: what

@@ -70,10 +70,15 @@ pub fn fast_path_may_take(ctx: &TcContext, ip_offset: usize, ip: &Ipv4Hdr) -> bo
 /// Remembers that the host's path carries the flow of this packet.
 #[inline(always)]
 pub fn record(ctx: &TcContext, ip_offset: usize, ip: &Ipv4Hdr) {
-    let Some(key) = flow_key(ctx, ip_offset, ip) else {
-        return;
-    };
-    if on_kernel_path(&key) {
+    if let Some(key) = flow_key(ctx, ip_offset, ip) {
+        remember(&key);
+    }
+}
+
+/// Remembers that the host's path carries the flow `key`.
+#[inline(always)]
+pub fn remember(key: &FlowKey) {
+    if on_kernel_path(key) {
         return;
     }
     let flow = KernelFlow {
