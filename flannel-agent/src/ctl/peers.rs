@@ -50,7 +50,7 @@ impl From<&RemoteVtep> for MapEntry {
 }
 
 /// What this node exchanged with a peer's VTEP, from `FLANNEL_PEER_STATS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PeerCounters {
     /// Packets encapsulated to the VTEP in BPF.
     pub encap_packets: u64,
@@ -99,7 +99,12 @@ pub fn add_counters(rows: &mut [Row], stats: &BTreeMap<Ipv4Addr, PeerStats>) {
             .as_ref()
             .map(|m| m.vtep_ip)
             .or_else(|| row.lease.as_ref().map(|l| l.public_ip));
-        row.counters = vtep.and_then(|ip| stats.get(&ip)).map(PeerCounters::from);
+        // The programs create a peer's entry on its first packet: a VTEP in the map without
+        // one has exchanged nothing yet.
+        row.counters = vtep
+            .and_then(|ip| stats.get(&ip))
+            .map(PeerCounters::from)
+            .or_else(|| row.map.is_some().then(PeerCounters::default));
     }
 }
 
@@ -275,7 +280,12 @@ mod tests {
             rows[0].counters.map(|c| (c.encap_packets, c.decap_bytes)),
             Some((3, 400))
         );
-        assert_eq!(rows[1].counters, None, "no counters for 198.18.0.2");
+        assert_eq!(rows[1].counters, None, "no counters for 198.18.0.2, not in the map");
+        assert_eq!(
+            rows[2].counters,
+            Some(PeerCounters::default()),
+            "in the map, no packet yet"
+        );
         let states: Vec<State> = rows.iter().map(|r| r.state).collect();
         assert_eq!(
             states,

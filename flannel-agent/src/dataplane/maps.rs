@@ -6,9 +6,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{
-    lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-};
+use aya::maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use flannel_common::{
     FlowKey, KernelFlow, LocalPod, PeerStats, PodStat, RemoteVtep, Stat, XdpStat, MAP_KERNEL_FLOWS, MAP_LOCAL_PODS,
     MAP_PEER_STATS, MAP_POD_STATS, MAP_STATS, MAP_VTEPS, MAP_VTEP_ADDRS, MAP_XDP_STATS,
@@ -74,8 +72,12 @@ pub struct VtepTable {
     trie: VtepTrie,
     /// `FLANNEL_VTEP_ADDRS`.
     addrs: AddrHash,
-    /// `FLANNEL_PEER_STATS`: an entry per address of `addrs`.
+    /// `FLANNEL_PEER_STATS`: at most an entry per address of `addrs`, created by the programs
+    /// on a peer's first packet and removed here when its address goes.
     peer_stats: PeerStatsHash,
+    /// An address left since the last sweep: a packet racing its removal may have put its
+    /// counters back, so the next call sweeps `peer_stats` for addresses not in `refs`.
+    sweep_pending: bool,
     /// What `trie` holds.
     entries: BTreeMap<Ipv4Net, RemoteVtep>,
     /// How many entries name each VTEP address: what `addrs` holds.
@@ -126,18 +128,32 @@ impl VtepTable {
         for key in stale {
             remove_peer_stats(&mut peer_stats, Ipv4Addr::from(key))?;
         }
-        for addr in refs.keys() {
-            if peer_stats.get(&addr.octets(), 0).is_err() {
-                create_peer_stats(&mut peer_stats, *addr)?;
-            }
-        }
         Ok(Self {
             trie,
             addrs,
             peer_stats,
+            sweep_pending: false,
             entries,
             refs,
         })
+    }
+
+    /// Removes counters whose address is no longer a VTEP, if one left since the last sweep.
+    pub fn sweep_strays(&mut self) -> Result<(), DataplaneError> {
+        if !std::mem::take(&mut self.sweep_pending) {
+            return Ok(());
+        }
+        let mut stale = Vec::new();
+        for key in self.peer_stats.keys() {
+            let key = key.map_err(map_error("read", MAP_PEER_STATS, "keys"))?;
+            if !self.refs.contains_key(&Ipv4Addr::from(key)) {
+                stale.push(Ipv4Addr::from(key));
+            }
+        }
+        for addr in stale {
+            remove_peer_stats(&mut self.peer_stats, addr)?;
+        }
+        Ok(())
     }
 
     /// The per-peer counters, summed over CPUs, by VTEP address.
@@ -190,13 +206,9 @@ impl VtepTable {
         Ok(true)
     }
 
-    /// One more entry names `addr`. A new address gets its (zero) counters before the
-    /// programs can see it.
+    /// One more entry names `addr`. Its counters come with its first packet.
     fn add_ref(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
         let count = self.refs.get(&addr).copied().unwrap_or(0) + 1;
-        if count == 1 {
-            create_peer_stats(&mut self.peer_stats, addr)?;
-        }
         self.addrs
             .insert(addr.octets(), count, 0)
             .map_err(map_error("insert", MAP_VTEP_ADDRS, addr.to_string()))?;
@@ -215,6 +227,7 @@ impl VtepTable {
                 }
                 remove_peer_stats(&mut self.peer_stats, addr)?;
                 self.refs.remove(&addr);
+                self.sweep_pending = true;
                 Ok(())
             }
             Some(count) => {
@@ -229,42 +242,6 @@ impl VtepTable {
         }
     }
 }
-
-/// Creates the zeroed counters of the peer at `addr` (replacing any).
-fn create_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Map {
-        op: "size",
-        map: MAP_PEER_STATS,
-        object: format!("the counters of {addr} (number of possible CPUs)"),
-        source: Box::new(MapError::IoError(source)),
-    })?;
-    // The map is per-CPU without preallocation: each insert takes per-CPU memory with
-    // GFP_NOWAIT, and a burst of thousands (a node joining a large cluster) outruns the
-    // kernel's asynchronous refill of the per-CPU allocator, which answers ENOMEM until its
-    // worker has run. A short pause lets it run; seen at about 3,500 peers on 6.18.
-    for attempt in 1.. {
-        let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus]).map_err(|source| DataplaneError::Map {
-            op: "insert",
-            map: MAP_PEER_STATS,
-            object: addr.to_string(),
-            source: Box::new(MapError::IoError(source)),
-        })?;
-        match map.insert(addr.octets(), zero, 0) {
-            Err(MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < ENOMEM_TRIES =>
-            {
-                std::thread::sleep(ENOMEM_PAUSE);
-            }
-            r => return r.map_err(map_error("insert", MAP_PEER_STATS, addr.to_string())),
-        }
-    }
-    unreachable!("the loop returns by its last attempt")
-}
-
-/// Tries of a `FLANNEL_PEER_STATS` insert that fails with ENOMEM, and the pause between them
-/// (200 ms in all at most, per address).
-const ENOMEM_TRIES: u32 = 100;
-const ENOMEM_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Removes the counters of the peer at `addr` (none is fine).
 fn remove_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {

@@ -375,17 +375,20 @@ impl Datapath {
 
     /// Sets the VTEP that serves `subnet` (a remote node's lease).
     pub fn upsert_vtep(&mut self, subnet: Ipv4Net, vtep: RemoteVtep) -> Result<(), DataplaneError> {
+        self.vteps.sweep_strays()?;
         self.vteps.upsert(subnet, vtep)
     }
 
     /// Removes the VTEP of `subnet`; `false` if there was none.
     pub fn remove_vtep(&mut self, subnet: Ipv4Net) -> Result<bool, DataplaneError> {
+        self.vteps.sweep_strays()?;
         self.vteps.remove(subnet)
     }
 
     /// Makes the maps hold exactly `desired` (call it with the complete peer set), and
     /// attaches `flannel_decap` if it waited for the peers. Returns how many entries changed.
     pub fn sync_vteps(&mut self, desired: &BTreeMap<Ipv4Net, RemoteVtep>) -> Result<usize, DataplaneError> {
+        self.vteps.sweep_strays()?;
         let desired: BTreeMap<Ipv4Net, RemoteVtep> = desired.iter().map(|(net, vtep)| (net.trunc(), *vtep)).collect();
         let stale: Vec<Ipv4Net> = self
             .vteps

@@ -60,6 +60,9 @@ pub struct LeaseRun {
     /// The agent's longest reconcile: the one that programmed the peers, from the complete
     /// peer set to everything programmed.
     pub program_reconcile_s: Option<f64>,
+    /// Where that reconcile's time went, as the agent logs it (`phase_ms` of its first
+    /// `vxlan datapath reconciled` line: dump, plan, neigh_fdb, routes, deletes, map).
+    pub phases: Option<String>,
     /// The steady state, once everything was programmed.
     pub steady: Option<Steady>,
     /// What the run shows, in words (the headline or why there is none).
@@ -104,6 +107,7 @@ impl LeaseRun {
             "map_entries_seen": self.map_seen,
             "result_s": self.result_s(),
             "program_reconcile_s": self.program_reconcile_s,
+            "program_reconcile_phases_ms": self.phases,
             "steady_reconciles": self.steady.map(|s| s.reconciles),
             "steady_reconcile_s": self.steady.map(|s| s.last_s),
             "steady_cpu_per_reconcile_s": self.steady.map(|s| s.cpu_per_reconcile_s),
@@ -197,6 +201,7 @@ pub async fn program_leases(
         map_s: None,
         map_seen: None,
         program_reconcile_s: None,
+        phases: None,
         steady: None,
         outcome: String::new(),
     };
@@ -257,6 +262,7 @@ pub async fn program_leases(
         tokio::time::sleep(POLL).await;
     }
     if run.outcome == "complete" {
+        run.phases = tb.agent_logs(1).ok().and_then(|logs| phases(&logs));
         match steady_state(&mut tb, &netns, readyz, timeout).await {
             Ok((program, steady)) => {
                 run.program_reconcile_s = Some(program);
@@ -267,6 +273,18 @@ pub async fn program_leases(
     }
     drop(tb);
     Ok(run)
+}
+
+/// The `phase_ms` field of the reconcile that changed the most, from the agent's log
+/// (`phase_ms="dump=1.2 plan=0.3 ..."`; the agent logs it with `Debug`, hence the quotes).
+fn phases(logs: &str) -> Option<String> {
+    let changes = |l: &str| -> Option<u64> { l.split_once(" changes=")?.1.split_whitespace().next()?.parse().ok() };
+    let line = logs
+        .lines()
+        .filter(|l| l.contains(CHANGED_LINE))
+        .max_by_key(|l| changes(l).unwrap_or(0))?;
+    let rest = line.split_once("phase_ms=")?.1;
+    Some(rest.strip_prefix('"')?.split_once('"')?.0.to_owned())
 }
 
 /// One gauge or counter from the agent's `/metrics`.
@@ -334,6 +352,15 @@ async fn steady_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_come_from_the_reconcile_that_changed_most() {
+        let logs = "w INFO flanneld: vxlan datapath reconciled vxlan_peers=0 changes=1 phase_ms=\"dump=0.1\"\n\
+                    x INFO flanneld: vxlan datapath reconciled vxlan_peers=3 changes=9 phase_ms=\"dump=1.0 plan=0.2\"\n\
+                    y INFO flanneld: vxlan datapath reconciled vxlan_peers=3 changes=1 phase_ms=\"dump=9.0\"\n";
+        assert_eq!(phases(logs).as_deref(), Some("dump=1.0 plan=0.2"));
+        assert_eq!(phases("no such line"), None);
+    }
 
     #[test]
     fn fake_leases_are_distinct() {

@@ -451,6 +451,14 @@ impl Report {
                     l.outcome.replace('|', "/").replace('\n', " ")
                 );
             }
+            for l in self.leases.iter().filter(|l| l.phases.is_some()) {
+                let _ = writeln!(
+                    out,
+                    "\n{}: the programming reconcile by phase, ms: {}",
+                    l.datapath,
+                    l.phases.as_deref().unwrap_or_default()
+                );
+            }
         }
         out
     }

@@ -105,9 +105,9 @@ impl Tally {
             });
         }
         if self.changes > 0 {
-            info!(vxlan_peers = total, changes = self.changes, phase_ms = %self.phase_ms(), "vxlan datapath reconciled");
+            info!(vxlan_peers = total, changes = self.changes, phase_ms = ?self.phase_ms(), "vxlan datapath reconciled");
         } else {
-            debug!(vxlan_peers = total, phase_ms = %self.phase_ms(), "vxlan datapath in sync");
+            debug!(vxlan_peers = total, phase_ms = ?self.phase_ms(), "vxlan datapath in sync");
         }
         Ok(total - self.failed_peers.len().min(total))
     }

@@ -274,3 +274,42 @@ fn an_incompatible_pinned_map_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn peer_counters_come_with_the_first_packet_and_go_with_the_peer() -> Result<()> {
+    if !can_run_privileged("peer_counters_come_with_the_first_packet_and_go_with_the_peer") {
+        return Ok(());
+    }
+    let net = TestNet::new(false)?;
+    let mut dp = load_node(&net, 0, node_config(0))?;
+    let peer = super::net::UNDERLAY[1];
+    ensure!(dp.peer_counters()?.is_empty(), "no entry before any packet");
+    TestNet::ping(&net.nodes[0], SUBNETS[1], 2)?;
+    let counters = dp.peer_counters()?;
+    let stats = counters
+        .get(&peer)
+        .context("the programs created the peer's counters")?;
+    ensure!(stats.encap_packets >= 2 && stats.decap_packets >= 2, "{stats:?}");
+
+    // The peer goes: so do its counters.
+    let (subnet, _) = vtep_entry(1);
+    ensure!(dp.remove_vtep(subnet)?);
+    ensure!(dp.peer_counters()?.is_empty(), "removed with the address");
+    // A packet that raced the removal re-creates them (here by hand); the next write sweeps.
+    let path = net.pin_dir(0).join(PIN_SUBDIR).join(flannel_common::MAP_PEER_STATS);
+    let key: Vec<String> = peer.octets().iter().map(u8::to_string).collect();
+    let mut args = vec!["map", "update", "pinned", path.to_str().context("utf-8 path")?, "key"];
+    args.extend(key.iter().map(String::as_str));
+    args.push("value");
+    args.extend(["0"; 32]);
+    run("bpftool", &args)?;
+    ensure!(dp.peer_counters()?.contains_key(&peer), "the stray is there");
+    let other = flannel_common::RemoteVtep::new(std::net::Ipv4Addr::new(192, 168, 50, 9), [2, 0, 0, 0, 0, 9], 0);
+    dp.upsert_vtep("10.244.9.0/24".parse()?, other)?;
+    ensure!(
+        dp.peer_counters()?.is_empty(),
+        "the stray was swept: {:?}",
+        dp.peer_counters()?
+    );
+    Ok(())
+}
