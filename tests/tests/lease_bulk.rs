@@ -228,7 +228,9 @@ async fn bulk(datapath: &str) -> anyhow::Result<()> {
     loop {
         match check_exactly(&mut tb, KEEP, ebpf).await {
             Ok(()) => break,
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{CONVERGE:?} after the removal"))),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{CONVERGE:?} after the removal: {}", tb.agent(1)?.log_tail(8))))
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }

@@ -198,7 +198,8 @@ impl VtepTable {
         };
         match self.trie.remove(&key(subnet)) {
             // Already gone from the kernel: the copy was wrong, which the removal fixes.
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => {}
             Err(source) => return Err(map_error("remove", MAP_VTEPS, subnet.to_string())(source)),
         }
         self.entries.remove(&subnet);
@@ -222,7 +223,8 @@ impl VtepTable {
             None => Ok(()),
             Some(count) if count <= 1 => {
                 match self.addrs.remove(&addr.octets()) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Ok(()) => {}
+                    Err(e) if is_absent(&e) => {}
                     Err(source) => return Err(map_error("remove", MAP_VTEP_ADDRS, addr.to_string())(source)),
                 }
                 remove_peer_stats(&mut self.peer_stats, addr)?;
@@ -243,10 +245,21 @@ impl VtepTable {
     }
 }
 
+/// Whether a failed delete found no such key. aya reports a delete's ENOENT as a syscall
+/// error, not as `KeyNotFound` (which its lookups return), so both mean "already gone".
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Removes the counters of the peer at `addr` (none is fine).
 fn remove_peer_stats(map: &mut PeerStatsHash, addr: Ipv4Addr) -> Result<(), DataplaneError> {
     match map.remove(&addr.octets()) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if is_absent(&e) => Ok(()),
         Err(source) => Err(map_error("remove", MAP_PEER_STATS, addr.to_string())(source)),
     }
 }
@@ -303,7 +316,8 @@ impl PodTable {
         let mut changed = 0;
         for ip in stale {
             match self.map.remove(&ip.octets()) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if is_absent(&e) => {}
                 Err(source) => return Err(map_error("remove", MAP_LOCAL_PODS, ip.to_string())(source)),
             }
             self.entries.remove(&ip);
