@@ -216,7 +216,10 @@ impl Netlink {
     pub async fn nexthops(&self) -> Result<Vec<NexthopEntry>, NetlinkError> {
         let op = "nexthop dump";
         let mut out = Vec::new();
-        let mut answers = self.nexthop_request(NexthopMessage::new(RTM_GETNEXTHOP), NLM_F_REQUEST | NLM_F_DUMP, op)?;
+        let mut answers =
+            self.nexthop_request(NexthopMessage::new(RTM_GETNEXTHOP), NLM_F_REQUEST | NLM_F_DUMP, || {
+                op.to_owned()
+            })?;
         while let Some(msg) = answers.next().await {
             match msg.payload {
                 NetlinkPayload::InnerMessage(m) => out.extend(m.entry()),
@@ -269,7 +272,8 @@ impl Netlink {
     }
 
     async fn acked(&self, msg: NexthopMessage, flags: u16, op: impl Fn() -> String) -> Result<(), NetlinkError> {
-        let mut answers = self.nexthop_request(msg, flags, &op())?;
+        // The description is built only for an error: this runs once per peer.
+        let mut answers = self.nexthop_request(msg, flags, &op)?;
         while let Some(answer) = answers.next().await {
             if let NetlinkPayload::Error(e) = answer.payload {
                 if e.code.is_some() {
@@ -284,7 +288,7 @@ impl Netlink {
         &self,
         msg: NexthopMessage,
         flags: u16,
-        op: &str,
+        op: impl Fn() -> String,
     ) -> Result<impl futures::Stream<Item = NetlinkMessage<NexthopMessage>>, NetlinkError> {
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -292,7 +296,7 @@ impl Netlink {
         req.finalize();
         self.nexthop
             .request(req, SocketAddr::new(0, 0))
-            .map_err(|_| NetlinkError::request(op, rtnetlink::Error::RequestFailed))
+            .map_err(|_| NetlinkError::request(op(), rtnetlink::Error::RequestFailed))
     }
 }
 

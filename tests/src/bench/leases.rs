@@ -60,8 +60,9 @@ pub struct LeaseRun {
     /// The agent's longest reconcile: the one that programmed the peers, from the complete
     /// peer set to everything programmed.
     pub program_reconcile_s: Option<f64>,
-    /// Where that reconcile's time went, as the agent logs it (`phase_ms` of its first
-    /// `vxlan datapath reconciled` line: dump, plan, neigh_fdb, routes, deletes, map).
+    /// Where that reconcile's time went, as the agent logs it (`phase_ms` of the `vxlan
+    /// datapath reconciled` line with the most changes: dump, plan, neigh_fdb, routes,
+    /// deletes, map).
     pub phases: Option<String>,
     /// The steady state, once everything was programmed.
     pub steady: Option<Steady>,

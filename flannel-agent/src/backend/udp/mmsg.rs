@@ -75,6 +75,20 @@ struct SegmentCmsg {
     _pad: [u8; 6],
 }
 
+impl SegmentCmsg {
+    /// `UDP_SEGMENT` with segment size `seg`.
+    fn new(seg: usize) -> Self {
+        // SAFETY: cmsghdr is plain old data; zeroes are valid.
+        let mut c: SegmentCmsg = unsafe { zeroed() };
+        // SAFETY: CMSG_LEN only computes a length.
+        c.hdr.cmsg_len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as _;
+        c.hdr.cmsg_level = libc::SOL_UDP;
+        c.hdr.cmsg_type = libc::UDP_SEGMENT;
+        c.seg = seg as u16;
+        c
+    }
+}
+
 /// `sendmmsg` of `runs` (at most [`BATCH`]), the packets of `bufs` (slot `i` holds packet
 /// `i`, `lens[i]` bytes from offset `head`) to `dests`. A run of more than one packet goes as one
 /// `UDP_SEGMENT` message. Returns how many runs the kernel took.
@@ -108,11 +122,7 @@ pub fn send_runs(
         h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         if run.count > 1 {
             let c = &mut cmsgs[k];
-            // SAFETY: CMSG_LEN only computes a length.
-            c.hdr.cmsg_len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as _;
-            c.hdr.cmsg_level = libc::SOL_UDP;
-            c.hdr.cmsg_type = libc::UDP_SEGMENT;
-            c.seg = run.seg as u16;
+            *c = SegmentCmsg::new(run.seg);
             h.msg_control = (c as *mut SegmentCmsg).cast();
             h.msg_controllen = size_of::<SegmentCmsg>() as _;
         }
@@ -134,20 +144,14 @@ pub fn send_segmented(fd: RawFd, data: &[u8], seg: usize, dest: &libc::sockaddr_
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    // SAFETY: msghdr and cmsghdr are plain old data; zeroes are valid.
+    // SAFETY: msghdr is plain old data; zeroes are valid.
     let mut h: libc::msghdr = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut c: SegmentCmsg = unsafe { zeroed() };
+    let mut c = SegmentCmsg::new(seg);
     h.msg_iov = &mut iov;
     h.msg_iovlen = 1;
     h.msg_name = dest as *const libc::sockaddr_in as *mut libc::c_void;
     h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     if data.len() > seg {
-        // SAFETY: CMSG_LEN only computes a length.
-        c.hdr.cmsg_len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as _;
-        c.hdr.cmsg_level = libc::SOL_UDP;
-        c.hdr.cmsg_type = libc::UDP_SEGMENT;
-        c.seg = seg as u16;
         h.msg_control = (&mut c as *mut SegmentCmsg).cast();
         h.msg_controllen = size_of::<SegmentCmsg>() as _;
     }

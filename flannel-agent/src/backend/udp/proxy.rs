@@ -215,12 +215,7 @@ impl Encap {
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) if runs[r].count > 1 && refuses_segmentation(&e) => {
-                    warn!(
-                        error = %e,
-                        "udp: the kernel cannot segment our datagrams (UDP_SEGMENT) on this path; \
-                         sending them one by one from now on"
-                    );
-                    self.gso = false;
+                    self.stop_segmenting(&e);
                     // Without segmentation every run is one packet: run i is packet i.
                     let first = runs[r].first;
                     mmsg::runs(lens, dests, false, runs);
@@ -239,6 +234,16 @@ impl Encap {
 }
 
 impl Encap {
+    /// Sends datagrams one by one from now on, after the kernel refused to segment them.
+    fn stop_segmenting(&mut self, e: &io::Error) {
+        warn!(
+            error = %e,
+            "udp: the kernel cannot segment our datagrams (UDP_SEGMENT) on this path; \
+             sending them one by one from now on"
+        );
+        self.gso = false;
+    }
+
     /// Cuts a TCP segmentation-offload packet into its segments and sends them to `dest`,
     /// as few `UDP_SEGMENT` messages as fit (one per ≈ 64 kB), or one by one once the kernel
     /// refused segmentation.
@@ -271,14 +276,7 @@ impl Encap {
                     off += chunk.len();
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) if packets > 1 && refuses_segmentation(&e) => {
-                    warn!(
-                        error = %e,
-                        "udp: the kernel cannot segment our datagrams (UDP_SEGMENT) on this path; \
-                         sending them one by one from now on"
-                    );
-                    self.gso = false;
-                }
+                Ok(Err(e)) if packets > 1 && refuses_segmentation(&e) => self.stop_segmenting(&e),
                 Ok(Err(_)) => {
                     tally.count(Stat::DropUdpSend, packets);
                     off += chunk.len();

@@ -9,15 +9,11 @@
 //! ID by one per segment, FIN and PSH stay on the last segment only, CWR on the first.
 
 use super::coalesce::{pseudo_sum, TCP};
-use super::wire::{self, fold, sum16};
+use super::wire::{self, be16, fold, sum16};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
 
 /// Cuts the IPv4/TCP offload packet `pkt` into segments of `gso_size` payload bytes,
 /// written back to back into `out`. Returns the size of every segment but the last (which

@@ -49,7 +49,7 @@ pub struct Ipv4Header {
     pub later_fragment: bool,
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
